@@ -1,0 +1,153 @@
+"""From a recipe's `data:` section to train and eval conversations, with a report of what happened.
+
+Order matters: the eval split is taken from each source's distinct conversations *before*
+weighting, so a repeated (weight > 1) or duplicated row can never sit on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+from ..recipe import EvalSplit, LoadedRecipe, Source
+from .conversation import Conversation
+from .formats import detect, to_conversation
+from .sources import read_rows, resolve_path
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+@dataclass
+class SourceReport:
+    path: str
+    location: str  # resolved file path or hf: id
+    format: str
+    detected: bool  # format came from `auto`
+    rows: int = 0
+    usable: int = 0
+    sha256: str | None = None  # of the file, for the adapter manifest
+
+
+@dataclass
+class LoadedData:
+    train: list[Conversation]
+    eval: list[Conversation]
+    sources: list[SourceReport] = field(default_factory=list)
+    problems: list[DataError] = field(default_factory=list)
+    eval_overlap_removed: int = 0  # train rows dropped because they also appear in the eval sources
+
+
+def load_data(loaded: LoadedRecipe) -> LoadedData:
+    """Read every source, lint every row, split off eval and mix by weight.
+
+    Train rows stay in data order (source by source, row by row) so `preview` shows the file as
+    written; the trainer shuffles by the recipe's seed.
+    """
+    data, seed = loaded.recipe.data, loaded.recipe.training.seed
+    reports: list[SourceReport] = []
+    problems: list[DataError] = []
+    per_source = []
+    for i, source in enumerate(data.train):
+        rows, report = _read_source(source, loaded, ("data", "train", str(i)), problems)
+        reports.append(report)
+        per_source.append((source, rows))
+
+    rng = random.Random(seed)
+    train: list[Conversation] = []
+    held_out: list[Conversation] = []
+    overlap = 0
+    if isinstance(data.eval, EvalSplit):
+        for source, rows in per_source:
+            kept, out = _split(rows, data.eval.split, rng)
+            held_out += out
+            train += _weighted(kept, source.weight, rng)
+        if data.eval.max_rows is not None:
+            held_out = held_out[: data.eval.max_rows]
+    else:
+        for i, source in enumerate(data.eval):
+            rows, report = _read_source(source, loaded, ("data", "eval", str(i)), problems)
+            reports.append(report)
+            held_out += rows
+        eval_keys = {_key(c) for c in held_out}
+        for source, rows in per_source:
+            kept = [c for c in rows if _key(c) not in eval_keys]
+            overlap += len(rows) - len(kept)
+            train += _weighted(kept, source.weight, rng)
+    return LoadedData(train, held_out, reports, problems, overlap)
+
+
+def _read_source(source: Source, loaded: LoadedRecipe, key: tuple[str, ...],
+                 problems: list[DataError]) -> tuple[list[Conversation], SourceReport]:
+    root = loaded.dir_of(*key, "path")
+    try:
+        location = resolve_path(source, root)
+    except DataError as err:
+        raise DataError(err.reason, loaded.where(*key, "path")) from None
+    if isinstance(location, Path) and not location.is_file():
+        raise DataError(f"data file not found: {location}", loaded.where(*key, "path"))
+    report = SourceReport(source.path, str(location), source.format, source.format == "auto")
+    if isinstance(location, Path):
+        report.sha256 = _sha256(location)
+    conversations = []
+    fmt = None if source.format == "auto" else source.format
+    for where, row in read_rows(source, root):
+        report.rows += 1
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if fmt is None:
+                fmt = report.format = detect(row, where)
+            conversations.append(to_conversation(row, fmt, where))
+        except DataError as err:
+            problems.append(err)
+    report.usable = len(conversations)
+    return conversations, report
+
+
+def _key(conversation: Conversation) -> tuple:
+    return tuple((m.role, m.content) for m in conversation.messages)
+
+
+def _split(rows: list[Conversation], share: float, rng: random.Random) -> tuple[list, list]:
+    """Hold out `share` of the distinct conversations; duplicates stay together on one side."""
+    if share == 0 or len(rows) < 2:
+        return rows, []
+    groups: dict[tuple, list[Conversation]] = {}
+    for c in rows:
+        groups.setdefault(_key(c), []).append(c)
+    keys = list(groups)
+    rng.shuffle(keys)
+    n_eval = max(1, round(share * len(keys)))
+    n_eval = min(n_eval, len(keys) - 1)  # always leave something to train on
+    held_keys = set(keys[:n_eval])
+    held = [groups[k][0] for k in keys[:n_eval]]
+    kept = [c for c in rows if _key(c) not in held_keys]
+    return kept, held
+
+
+def _weighted(rows: list[Conversation], weight: float, rng: random.Random) -> list[Conversation]:
+    """`weight` copies of the rows: whole copies, then a seeded sample for the fraction."""
+    whole, fraction = int(weight), weight - int(weight)
+    out = rows * whole
+    if fraction > 0:
+        out += rng.sample(rows, round(fraction * len(rows)))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def first_problems(problems: list[DataError]) -> str:
+    """Problems for the terminal: one line each, the first few, then a count."""
+    lines = [str(p) for p in problems[:MAX_PROBLEMS_SHOWN]]
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        lines.append(f"... and {len(problems) - MAX_PROBLEMS_SHOWN} more rows with problems")
+    return "\n".join(lines)

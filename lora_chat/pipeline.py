@@ -1,0 +1,36 @@
+"""Recipe -> base tokenizer -> template -> data: the inputs every command starts from, no weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import LoadedData, load_data
+from .errors import LorachatError
+from .models import ResolvedBase, load_tokenizer, resolve_base
+from .recipe import LoadedRecipe, load_recipe
+from .templates import ChatTemplate, load_template
+
+
+@dataclass
+class Inputs:
+    loaded: LoadedRecipe
+    base: ResolvedBase
+    tokenizer: Any
+    template: ChatTemplate
+    data: LoadedData
+
+
+def load_inputs(recipe_path: str | Path, overrides: list[str] = (), need_weights: bool = False) -> Inputs:
+    """Everything a command needs before it touches model weights, in dependency order."""
+    loaded = load_recipe(recipe_path, list(overrides))
+    base_cfg = loaded.recipe.base
+    try:
+        base = resolve_base(base_cfg.model, base_cfg.revision, need_weights=need_weights)
+    except LorachatError as err:
+        raise type(err)(err.reason, loaded.where("base", "model")) from None
+    tokenizer = load_tokenizer(base, trust_remote_code=base_cfg.trust_remote_code)
+    template = load_template(loaded, tokenizer)
+    data = load_data(loaded)
+    return Inputs(loaded, base, tokenizer, template, data)

@@ -1,0 +1,47 @@
+"""`lorachat preview`: the first samples exactly as the trainer gets them, token by token."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Literal
+
+from rich.console import Console
+from rich.text import Text
+
+from .dataset import encode_split
+from .pipeline import load_inputs
+from .templates import IGNORE, Encoded
+
+
+def preview_samples(recipe_path: str, overrides: list[str] = (), limit: int = 3,
+                    split: Literal["train", "eval"] = "train") -> tuple[list[Encoded], object]:
+    """The first `limit` usable samples of a split, in data order, and the tokenizer that made them."""
+    inputs = load_inputs(recipe_path, overrides)
+    conversations = inputs.data.train if split == "train" else inputs.data.eval
+    samples: list[Encoded] = []
+    # Encode a little at a time: a preview of 3 samples should not tokenize the whole data set.
+    step = max(limit, 16)
+    for start in range(0, len(conversations), step):
+        encoded, _ = encode_split(conversations[start:start + step], inputs.template, inputs.loaded)
+        samples += encoded
+        if len(samples) >= limit:
+            break
+    return samples[:limit], inputs.tokenizer
+
+
+def json_lines(samples: list[Encoded]) -> Iterator[str]:
+    for s in samples:
+        yield json.dumps({"input_ids": s.input_ids, "labels": s.labels})
+
+
+def print_samples(samples: list[Encoded], tokenizer, console: Console) -> None:
+    for n, s in enumerate(samples, 1):
+        console.rule(f"sample {n}  {s.origin.file}:{s.origin.line}  "
+                     f"{len(s.input_ids)} tokens, {s.trained} trained")
+        text = Text()
+        for token_id, label in zip(s.input_ids, s.labels):
+            piece = tokenizer.decode([token_id])
+            text.append(piece, style="bold green" if label != IGNORE else "dim")
+        console.print(text)
+    console.print("[bold green]trained[/]  [dim]masked (no loss)[/]")

@@ -1,0 +1,245 @@
+"""Assistant-only loss masks for ANY chat template, found by rendering, not by pattern matching.
+
+Most real templates (Llama-3, Mistral, Gemma, Phi-3, Qwen2.5, Zephyr, Vicuna, ...) carry no
+`{% generation %}` markers, so we ask the template itself what each reply adds:
+
+    prompt_k = render(messages[:k], add_generation_prompt=True)   # ... "<|im_start|>assistant\n"
+    upto_k   = render(messages[:k+1])                             # ... "<|im_start|>assistant\nHi<|im_end|>\n"
+
+The characters `upto_k` adds past its common prefix with `prompt_k` are reply k plus the
+end-of-turn marker the template writes after it (the model must learn to stop). The full
+conversation is rendered once and tokenized once with offsets; a token is trained when its
+characters overlap a trained span. This survives templates that trim content, insert BOS or
+merge the system prompt into the first user turn, because every span is measured in the
+template's own output.
+
+It relies on `upto_k` being a prefix of the full rendering. Templates that render earlier
+turns differently from the last one (Qwen3 drops earlier reasoning; some omit the final EOS)
+break that: then the reply is located inside the full rendering after `prompt_k`, by its text.
+If even that fails the sample is refused with a message naming it. Templates that do have
+`{% generation %}` markers are used directly (one render, exact spans).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..data.conversation import Conversation, Message
+from ..errors import DataError, Where
+
+TrainOn = Literal["assistant", "last_assistant", "all"]
+IGNORE = -100
+# Above this many rows, the Rust tokenizer's own threads beat anything done in Python.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    input_ids: list[int]  # (T,)
+    labels: list[int]  # (T,) the input id where trained, IGNORE elsewhere; NOT shifted
+    origin: Where
+    # role -> (tokens, trained tokens); "template" is what the template writes around messages.
+    roles: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    text: str
+    spans: tuple[tuple[int, int], ...]  # character ranges [start, end) that carry loss
+    roles: tuple[tuple[int, int, str], ...]  # (start, end, role) of each message's contribution, for stats
+
+
+class ChatTemplate:
+    """A chat template compiled once, able to render conversations and find their trained spans."""
+
+    def __init__(self, source: str, tokenizer: Any, name: str, system: str | None = None):
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        self.source = source
+        self.name = name
+        self.system = system
+        self.tokenizer = tokenizer
+        self._compiled = _compile_jinja_template(source)
+        self._has_generation = "generation" in source and "endgeneration" in source
+        # Templates read bos_token/eos_token as variables, as apply_chat_template passes them.
+        self._kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+
+    # ------------------------------------------------------------ rendering
+
+    def messages_of(self, conversation: Conversation) -> list[dict[str, str]]:
+        """The conversation as the template sees it, with the recipe's default system prompt added."""
+        messages = conversation.as_dicts()
+        if self.system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.system})
+        return messages
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     tools=None, documents=None, **self._kwargs)
+
+    def prompt(self, conversation: Conversation) -> str:
+        """Everything before the last assistant reply, with the generation prompt: what eval asks the model."""
+        messages = self.messages_of(conversation)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return self._render_or_refuse(messages[:last], True, conversation.origin)
+
+    def render_spans(self, conversation: Conversation, train_on: TrainOn) -> Rendered:
+        """Render a conversation and find the character spans that carry loss under `train_on`."""
+        messages = self.messages_of(conversation)
+        offset = len(messages) - len(conversation.messages)  # 1 when a default system prompt was added
+        flags = [None] * offset + [m.train for m in conversation.messages]
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        wanted = [i for i in assistant if flags[i] is not False]
+        if train_on == "last_assistant":
+            wanted = [i for i in wanted if i == assistant[-1]]
+
+        if self._has_generation:
+            text, spans = self._render_marked(messages, conversation.origin)
+            spans = [s for i, s in zip(assistant, spans) if i in wanted]
+        else:
+            text = self._render_or_refuse(messages, False, conversation.origin)
+            spans = [self._reply_span(messages, k, text, conversation.origin) for k in wanted]
+        roles = self._role_spans(messages, text, spans)
+        if train_on == "all":
+            spans = [(0, len(text))]
+        return Rendered(text, tuple(spans), roles)
+
+    def _render_or_refuse(self, messages: list[dict], gen: bool, origin: Where) -> str:
+        try:
+            return self.render(messages, gen)
+        except Exception as err:  # jinja's TemplateError from raise_exception, or a template bug
+            roles = "/".join(m["role"] for m in messages)
+            raise DataError(f"chat template '{self.name}' refused this conversation ({roles}): {err}",
+                            origin) from None
+
+    def _render_marked(self, messages: list[dict], origin: Where) -> tuple[str, list[tuple[int, int]]]:
+        from transformers.utils.chat_template_utils import _render_with_assistant_indices
+
+        try:
+            text, indices = _render_with_assistant_indices(self._compiled, messages, None, None, False,
+                                                           **self._kwargs)
+        except Exception as err:
+            raise DataError(f"chat template '{self.name}' refused this conversation: {err}", origin) from None
+        return text, [tuple(i) for i in indices]
+
+    def _reply_span(self, messages: list[dict], k: int, full: str, origin: Where) -> tuple[int, int]:
+        prompt = self._render_or_refuse(messages[:k], True, origin)
+        upto = full if k == len(messages) - 1 else self._render_or_refuse(messages[: k + 1], False, origin)
+        start = len(os.path.commonprefix([prompt, upto]))
+        if full.startswith(upto):
+            return start, _trim_after_marker(upto, start, messages[k]["content"])
+        # The template renders a last turn differently from an earlier one: look for the reply in the
+        # full text, right after the prompt, and keep the end-of-turn text the last-turn rendering shows.
+        if full.startswith(upto[:start]):
+            reply = messages[k]["content"].strip()
+            found = full.find(reply, start)
+            if found >= 0:
+                end = found + len(reply)
+                tail = upto[upto.rfind(reply) + len(reply):] if reply in upto else ""
+                if tail and full.startswith(tail, end):
+                    end += len(tail)
+                return start, _trim_after_marker(full[:end], start, reply)
+        raise DataError(
+            f"chat template '{self.name}' renders message {k} (assistant) differently inside the conversation "
+            f"than at its end, so its reply cannot be located; use train_on: last_assistant or a template "
+            f"with {{% generation %}} markers", origin)
+
+    @staticmethod
+    def _role_spans(messages: list[dict], text: str, spans: list[tuple[int, int]]) -> tuple:
+        """Attribute each character range to the message whose content it holds (for per-role stats)."""
+        out, cursor = [], 0
+        for m in messages:
+            found = text.find(m["content"].strip(), cursor)
+            if found < 0:
+                continue
+            end = found + len(m["content"].strip())
+            out.append((found, end, m["role"]))
+            cursor = end
+        return tuple(out)
+
+    # ------------------------------------------------------------ tokenizing
+
+    def encode_batch(self, conversations: list[Conversation], train_on: TrainOn,
+                     role_stats: bool = False) -> list[Encoded | DataError]:
+        """Render, tokenize (one batched call) and mask; a refused conversation comes back as its DataError.
+
+        `role_stats` also counts tokens and trained tokens per role (for `validate`).
+        """
+        rendered: list[Rendered | DataError] = []
+        for conversation in conversations:
+            try:
+                rendered.append(self.render_spans(conversation, train_on))
+            except DataError as err:
+                rendered.append(err)
+        texts = [r.text for r in rendered if isinstance(r, Rendered)]
+        batch = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                               return_attention_mask=False) if texts else {"input_ids": [], "offset_mapping": []}
+        ids_iter = iter(zip(batch["input_ids"], batch["offset_mapping"]))
+        out: list[Encoded | DataError] = []
+        for conversation, r in zip(conversations, rendered):
+            if isinstance(r, DataError):
+                out.append(r)
+                continue
+            ids, offsets = next(ids_iter)
+            labels = mask_labels(ids, offsets, r.spans)
+            roles = _count_roles(offsets, labels, r.roles) if role_stats else None
+            out.append(Encoded(list(ids), labels, conversation.origin, roles))
+        return out
+
+    def encode(self, conversation: Conversation, train_on: TrainOn = "assistant") -> Encoded:
+        result = self.encode_batch([conversation], train_on)[0]
+        if isinstance(result, DataError):
+            raise result
+        return result
+
+
+def _trim_after_marker(text: str, start: int, reply: str) -> int:
+    """End of a reply span without the whitespace a template puts after its end-of-turn marker.
+
+    "Hi<|im_end|>\n" trains "Hi<|im_end|>": the newline is layout the model never has to emit.
+    When the whitespace IS the only end marker ("Assistant: Hi\n"), it is kept.
+    """
+    end = len(text)
+    trimmed = len(text.rstrip())
+    found = text.find(reply.strip(), start)
+    reply_end = found + len(reply.strip()) if found >= 0 else end
+    return trimmed if trimmed > reply_end else end
+
+
+def _count_roles(offsets: list[tuple[int, int]], labels: list[int],
+                 roles: tuple[tuple[int, int, str], ...]) -> dict[str, tuple[int, int]]:
+    """Per role: (tokens, trained tokens); a token belongs to the message whose content it overlaps."""
+    counts: dict[str, list[int]] = {}
+    r = 0
+    for (a, b), label in zip(offsets, labels):
+        while r < len(roles) and roles[r][1] <= a:
+            r += 1
+        role = roles[r][2] if r < len(roles) and b > roles[r][0] and a < roles[r][1] else "template"
+        c = counts.setdefault(role, [0, 0])
+        c[0] += 1
+        c[1] += label != IGNORE
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def mask_labels(ids: list[int], offsets: list[tuple[int, int]], spans: tuple[tuple[int, int], ...]) -> list[int]:
+    """Labels (T,): a token is trained when its characters overlap a span; spans are sorted, disjoint."""
+    labels = [IGNORE] * len(ids)
+    s = 0
+    for i, (a, b) in enumerate(offsets):
+        while s < len(spans) and spans[s][1] <= a:
+            s += 1
+        if s == len(spans):
+            break
+        lo, hi = spans[s]
+        if b > lo and a < hi or (a == b and lo <= a < hi):
+            labels[i] = ids[i]
+    return labels
+
+
+__all__ = ["ChatTemplate", "Encoded", "IGNORE", "Message", "Rendered", "TrainOn", "mask_labels"]

@@ -1,0 +1,103 @@
+"""`lorachat validate`: the recipe, every data row and the masks, checked without model weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+from .data.loading import first_problems
+from .dataset import Prepared, SplitStats, prepare
+from .errors import DataError
+from .pipeline import Inputs, load_inputs
+from .templates import ChatTemplate
+
+
+@dataclass
+class Validation:
+    inputs: Inputs
+    prepared: Prepared
+    problems: list[DataError]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return not self.problems and bool(self.prepared.train)
+
+
+def validate(recipe_path: str, overrides: list[str] = ()) -> Validation:
+    inputs = load_inputs(recipe_path, overrides)
+    problems = list(inputs.data.problems)
+    prepared = prepare(inputs.loaded, inputs.data, inputs.template, role_stats=True, problems=problems)
+    return Validation(inputs, prepared, problems, template_warnings(inputs.template, prepared))
+
+
+def template_warnings(template: ChatTemplate, prepared: Prepared) -> list[str]:
+    """What about the template could quietly spoil training, judged on the first sample."""
+    warnings = []
+    if not prepared.train:
+        return warnings
+    sample = prepared.train[0]
+    trained = [i for i, label in zip(sample.input_ids, sample.labels) if label != -100]
+    tok = template.tokenizer
+    stop_ids = {tok.eos_token_id} | set(getattr(getattr(tok, "generation_config", None), "eos_token_id", []) or [])
+    if trained and trained[-1] not in stop_ids and template.name != "all":
+        last = tok.convert_ids_to_tokens(trained[-1])
+        warnings.append(f"the last trained token of a reply is {last!r}, not the tokenizer's eos "
+                        f"{tok.eos_token!r}: generation may not stop where training taught it to")
+    if not template._has_generation:
+        warnings.append("template has no {% generation %} markers: reply spans were found by rendering "
+                        "each turn (exact for this template; shown by `lorachat preview`)")
+    return warnings
+
+
+def print_report(v: Validation, console: Console) -> None:
+    loaded, base = v.inputs.loaded, v.inputs.base
+    console.print(f"[bold]{loaded.recipe.name}[/] ({loaded.path})")
+    console.print(f"base: {loaded.recipe.base.model} -> {base.path} [{base.source}]")
+    if base.note:
+        console.print(f"[yellow]note:[/] {base.note}")
+    console.print(f"template: {v.inputs.template.name}; train_on: {loaded.recipe.data.train_on}; "
+                  f"max_length: {loaded.recipe.data.max_length}; too_long: {loaded.recipe.data.too_long}")
+
+    sources = Table(title="sources", title_justify="left")
+    for col in ("path", "format", "rows", "usable"):
+        sources.add_column(col, justify="right" if col in ("rows", "usable") else "left")
+    for s in v.inputs.data.sources:
+        fmt = f"{s.format} (detected)" if s.detected else s.format
+        sources.add_row(s.path, fmt, str(s.rows), str(s.usable))
+    console.print(sources)
+    if v.inputs.data.eval_overlap_removed:
+        console.print(f"{v.inputs.data.eval_overlap_removed} training rows also in the eval sources were removed")
+
+    splits = Table(title="splits (token lengths)", title_justify="left")
+    for col in ("split", "rows", "kept", "dropped", "truncated", "p50", "p90", "p99", "max", "tokens", "trained"):
+        splits.add_column(col, justify="left" if col == "split" else "right")
+    for name, st in v.prepared.stats.items():
+        p = st.percentiles()
+        share = f"{st.trained / st.tokens:.0%}" if st.tokens else "-"
+        splits.add_row(name, str(st.rows), str(st.kept), str(sum(st.dropped.values())), str(st.truncated),
+                       str(p[50]), str(p[90]), str(p[99]), str(p[100]), str(st.tokens), share)
+    console.print(splits)
+    for name, st in v.prepared.stats.items():
+        for why, n in st.dropped.most_common():
+            console.print(f"  {name}: {n} rows dropped: {why}")
+    _print_roles(v.prepared.stats["train"], console)
+    for w in v.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+def _print_roles(st: SplitStats, console: Console) -> None:
+    roles = Table(title="train tokens by role", title_justify="left")
+    for col in ("role", "tokens", "trained", "trained share"):
+        roles.add_column(col, justify="left" if col == "role" else "right")
+    for role in ("system", "user", "assistant", "template"):
+        if role in st.roles:
+            n, t = st.roles[role]
+            roles.add_row(role, str(n), str(t), f"{t / n:.0%}" if n else "-")
+    console.print(roles)
+
+
+def problems_text(v: Validation) -> str:
+    return first_problems(v.problems)
