@@ -39,9 +39,27 @@ def print_samples(samples: list[Encoded], tokenizer, console: Console) -> None:
     for n, s in enumerate(samples, 1):
         console.rule(f"sample {n}  {s.origin.file}:{s.origin.line}  "
                      f"{len(s.input_ids)} tokens, {s.trained} trained")
-        text = Text()
-        for token_id, label in zip(s.input_ids, s.labels):
-            piece = tokenizer.decode([token_id])
-            text.append(piece, style="bold green" if label != IGNORE else "dim")
-        console.print(text)
-    console.print("[bold green]trained[/]  [dim]masked (no loss)[/]")
+        console.print(_highlight(s, tokenizer, plain=not console.is_terminal))
+    if console.is_terminal:
+        console.print("[bold green]trained[/]  [dim]masked (no loss)[/]")
+    else:
+        console.print("⟦trained⟧  rest masked (no loss)")
+
+
+def _highlight(sample: Encoded, tokenizer, plain: bool) -> Text:
+    """Trained runs in bold green and the rest dim; without colours (a pipe), trained runs go in ⟦ ⟧."""
+    text = Text()
+    runs: list[tuple[bool, list[int]]] = []
+    for token_id, label in zip(sample.input_ids, sample.labels):
+        trained = label != IGNORE
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(token_id)
+        else:
+            runs.append((trained, [token_id]))
+    for trained, ids in runs:
+        piece = tokenizer.decode(ids)
+        if plain:
+            text.append(f"⟦{piece}⟧" if trained else piece)
+        else:
+            text.append(piece, style="bold green" if trained else "dim")
+    return text

@@ -46,9 +46,6 @@ def template_warnings(template: ChatTemplate, prepared: Prepared) -> list[str]:
         last = tok.convert_ids_to_tokens(trained[-1])
         warnings.append(f"the last trained token of a reply is {last!r}, not the tokenizer's eos "
                         f"{tok.eos_token!r}: generation may not stop where training taught it to")
-    if not template._has_generation:
-        warnings.append("template has no {% generation %} markers: reply spans were found by rendering "
-                        "each turn (exact for this template; shown by `lorachat preview`)")
     return warnings
 
 
