@@ -110,6 +110,9 @@ def resolve_base(model: str, revision: str = "main", *, need_weights: bool = Tru
     for `validate` and `preview`, and much cheaper for the bundled model.
     Raises `ModelError` with one line listing what was tried.
     """
+    if not model.strip():
+        # Path("") is the current directory, which must not pass for a model folder.
+        raise ModelError("no base model given", Where(field="base.model"))
     tried: list[str] = []
 
     local = Path(model).expanduser()
@@ -333,7 +336,7 @@ def _file_lock(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("waiting for another lorachat process to finish exporting the bundled model")
+            logger.info("waiting for another lorachat process to finish its export of the bundled model")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -522,7 +525,7 @@ def cpu_has_native_bf16() -> bool:
     if override in _FALSE:
         return False
     if override:
-        raise ModelError(f"LORACHAT_CPU_BF16={override!r}: use 0 or 1", Where(field="LORACHAT_CPU_BF16"))
+        raise ModelError(f"{override!r} is not 0 or 1", Where(field="LORACHAT_CPU_BF16"))
     return _probe_cpu_bf16()
 
 

@@ -132,7 +132,15 @@ class ChatTemplate:
     def _reply_span(self, messages: list[dict], k: int, full: str, origin: Where) -> tuple[int, int]:
         prompt = self._render_or_refuse(messages[:k], True, origin)
         upto = full if k == len(messages) - 1 else self._render_or_refuse(messages[: k + 1], False, origin)
-        start = len(prompt) if upto.startswith(prompt) else len(os.path.commonprefix([prompt, upto]))
+        if upto.startswith(prompt):
+            start = len(prompt)
+        else:
+            # The prompt is rendered differently once a reply follows (Mistral v0.3 moves the system
+            # prompt into the last user turn only while it is last): the reply starts at its own text.
+            start = upto.rfind(messages[k]["content"].strip(), len(os.path.commonprefix([prompt, upto])))
+            if start < 0:
+                raise DataError(f"chat template '{self.name}' changes the prompt of message {k} (assistant) "
+                                f"and its reply cannot be found in the rendering", origin)
         if full.startswith(upto):
             return start, _trim_after_marker(upto, start, messages[k]["content"])
         # The template renders a last turn differently from an earlier one: look for the reply in the
@@ -142,14 +150,31 @@ class ChatTemplate:
             found = full.find(reply, start)
             if found >= 0:
                 end = found + len(reply)
+                # Keep the end-of-turn text the full rendering shares with this turn's own rendering
+                # (Phi-3 writes "<|end|>\n</s>" at the very end, "<|end|>\n<|user|>" mid-conversation).
                 tail = upto[upto.rfind(reply) + len(reply):] if reply in upto else ""
-                if tail and full.startswith(tail, end):
-                    end += len(tail)
+                end += self._shared_marker(tail, full[end:end + len(tail)])
                 return start, _trim_after_marker(full[:end], start, reply)
         raise DataError(
             f"chat template '{self.name}' renders message {k} (assistant) differently inside the conversation "
             f"than at its end, so its reply cannot be located; use train_on: last_assistant or a template "
             f"with {{% generation %}} markers", origin)
+
+    def _shared_marker(self, tail: str, following: str) -> int:
+        """Length of the end-of-turn text two renderings share, ending on a whole marker.
+
+        A character-wise common prefix can stop inside the next marker ("<|end|>\n<|" of
+        "<|end|>\n</s>" and "<|end|>\n<|user|>"), so back off to whitespace or a whole added token.
+        """
+        shared = os.path.commonprefix([tail, following])
+        if shared == tail:
+            return len(shared)
+        markers = [t for t in self.tokenizer.get_added_vocab() if t]
+        for cut in range(len(shared), 0, -1):
+            head = shared[:cut]
+            if head[-1].isspace() or any(head.endswith(m) for m in markers):
+                return cut
+        return 0
 
     @staticmethod
     def _role_spans(messages: list[dict], text: str, spans: list[tuple[int, int]]) -> tuple:

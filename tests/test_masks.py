@@ -1,0 +1,121 @@
+"""Assistant masks on many real chat-template shapes: each reply and its end-of-turn marker, nothing else.
+
+Every template in the zoo (tests/template_zoo.py: Llama-2/3, Mistral, Gemma, Phi-3, Qwen2.5/3, Zephyr,
+Vicuna, Alpaca, Command-R, DeepSeek, OpenChat, Falcon, ...) renders multi-turn conversations with and
+without a system prompt; the trained characters must be exactly the replies plus the end-of-turn text.
+"""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from lora_chat.data.conversation import Conversation, Message
+from lora_chat.errors import DataError, Where
+from lora_chat.templates import IGNORE, ChatTemplate
+
+from template_zoo import ZOO, ZOO_ROLES, ZOO_SYSTEM, eot
+
+NO_STOP_SIGNAL = {"chatml_no_final_eot"}  # the template itself never writes an end of turn after the last reply
+# Text the template (not the data) writes at the start of a reply, which the model must learn to emit.
+TEMPLATE_OPENS_REPLY = {"qwen3": "<think>\n\n</think>"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+def conversation(system: str | None = None, pad: str = "") -> Conversation:
+    turns = [("user", "Question one?"), ("assistant", "Answer one."),
+             ("user", "Question two?"), ("assistant", "Answer two, longer.")]
+    messages = [Message("system", "Be brief.")] if system else []
+    messages += [Message(role, f"{pad}{text}{pad}" if role == "assistant" else text) for role, text in turns]
+    return Conversation(tuple(messages), Where("zoo.jsonl", 7))
+
+
+def trained_runs(template: ChatTemplate, conv: Conversation, train_on: str = "assistant") -> tuple[str, list[str]]:
+    """The rendered text and the runs of characters covered by trained tokens."""
+    rendered = template.render_spans(conv, train_on)
+    enc = template.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = template.encode(conv, train_on)
+    assert encoded.input_ids == enc["input_ids"]
+    runs, current = [], None
+    for (a, b), label in zip(enc["offset_mapping"], encoded.labels):
+        if label == IGNORE:
+            current = None
+            continue
+        if current is None:
+            runs.append([a, b])
+            current = runs[-1]
+        else:
+            current[1] = b
+    return rendered.text, [rendered.text[a:b] for a, b in runs]
+
+
+CASES = [(name, system, pad) for name in sorted(ZOO) for system in (False, True) for pad in ("", "  ")]
+
+
+@pytest.mark.parametrize("name, system, pad", CASES, ids=[f"{n}-{'sys' if s else 'nosys'}{'-padded' if p else ''}"
+                                                          for n, s, p in CASES])
+def test_each_reply_and_its_end_of_turn_are_trained_and_nothing_else(tokenizer, name, system, pad):
+    template = ChatTemplate(ZOO[name], tokenizer, name)
+    conv = conversation(system="Be brief." if system else None, pad=pad)
+    if system and ZOO_SYSTEM[name] == "raises":
+        with pytest.raises(DataError, match=rf"zoo.jsonl:7: chat template '{name}' refused this conversation"):
+            template.encode(conv)
+        return
+    text, runs = trained_runs(template, conv)
+    replies = ["Answer one.", "Answer two, longer."]
+    assert len(runs) == 2, (text, runs)
+    end_of_turn = eot(name, tokenizer.eos_token).strip()
+    for run, reply in zip(runs, replies):
+        before, found, after = run.partition(reply)
+        assert found, (run, reply)
+        if reply == replies[-1] and name in TEMPLATE_OPENS_REPLY:
+            before = before.replace(TEMPLATE_OPENS_REPLY[name], "")
+        assert not before.strip(), f"prompt text trained before the reply: {before!r}"
+        if name not in NO_STOP_SIGNAL:
+            # Phi-3 closes the whole conversation with eos after the last '<|end|>': both are trained.
+            assert after.strip() in (end_of_turn, f"{end_of_turn}\n{tokenizer.eos_token}"), (run, after)
+            assert after.strip() == end_of_turn or reply == replies[-1]
+        for other in ("Question one?", "Question two?", "Be brief."):
+            assert other not in run
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_last_assistant_trains_only_the_final_reply(tokenizer, name):
+    template = ChatTemplate(ZOO[name], tokenizer, name)
+    _, runs = trained_runs(template, conversation(), "last_assistant")
+    assert len(runs) == 1 and "Answer two, longer." in runs[0] and "Answer one." not in runs[0]
+
+
+def test_template_that_renders_earlier_turns_differently_refuses_with_the_sample_named(tokenizer):
+    """Qwen3 strips reasoning from earlier replies, so such a reply cannot be located in the full text."""
+    template = ChatTemplate(ZOO["qwen3"], tokenizer, "qwen3")
+    conv = Conversation((Message("user", "Hi"), Message("assistant", "<think>\nhmm\n</think>\n\nHello"),
+                         Message("user", "Bye"), Message("assistant", "Goodbye")), Where("data.jsonl", 12))
+    with pytest.raises(DataError, match=r"data.jsonl:12: chat template 'qwen3' renders message 1 \(assistant\) "
+                                        r"differently.*train_on: last_assistant"):
+        template.encode(conv)
+    _, runs = trained_runs(template, conv, "last_assistant")
+    assert len(runs) == 1 and "Goodbye" in runs[0]
+
+
+def test_generation_markers_are_used_when_present(tokenizer):
+    template = ChatTemplate(ZOO["chatml_generation"], tokenizer, "chatml_generation")
+    assert template._has_generation
+    _, runs = trained_runs(template, conversation())
+    assert [r.strip() for r in runs] == ["Answer one.<|im_end|>", "Answer two, longer.<|im_end|>"]
+
+
+def test_default_system_prompt_is_added_only_when_missing(tokenizer):
+    template = ChatTemplate(ZOO["chatml"], tokenizer, "chatml", system="Default rules.")
+    assert "Default rules." in template.render_spans(conversation(), "assistant").text
+    with_own = template.render_spans(conversation(system="Be brief."), "assistant").text
+    assert "Default rules." not in with_own and "Be brief." in with_own
+
+
+def test_prompt_for_generation_ends_with_the_generation_header(tokenizer):
+    template = ChatTemplate(ZOO["chatml"], tokenizer, "chatml")
+    assert template.prompt(conversation()).endswith("Question two?<|im_end|>\n<|im_start|>assistant\n")
