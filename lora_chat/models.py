@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_chat.errors import ModelError, Where
+from lora_chat.files import sha256_file
 
 if TYPE_CHECKING:  # only for annotations: importing torch here would make `validate` slow
     import torch
@@ -278,14 +278,6 @@ def _resolve_bundled(need_weights: bool) -> ResolvedBase | None:
     )
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_marker(target: Path) -> dict[str, Any] | None:
     try:
         marker = json.loads((target / EXPORT_MARKER).read_text())
@@ -304,7 +296,7 @@ def _marker_matches(marker: dict[str, Any], gguf: Path) -> bool:
         return True
     # A reinstall of the same package changes mtime but not content: hashing ~100 MB
     # (well under a second) is cheaper than a needless 20 s re-export.
-    return source.get("sha256") == _file_sha256(gguf)
+    return source.get("sha256") == sha256_file(gguf)
 
 
 def _valid_marker(target: Path, gguf: Path) -> dict[str, Any] | None:
@@ -391,7 +383,7 @@ def _export_bundled(gguf: Path, version: str, target: Path, need_weights: bool) 
                 "package": BUNDLED_PACKAGE,
                 "version": version,
                 "file": BUNDLED_GGUF,
-                "sha256": _file_sha256(gguf),
+                "sha256": sha256_file(gguf),
                 "size": gguf.stat().st_size,
                 "mtime_ns": gguf.stat().st_mtime_ns,
             },

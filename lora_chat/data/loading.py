@@ -6,12 +6,12 @@ weighting, so a repeated (weight > 1) or duplicated row can never sit on both si
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from ..files import sha256_file
 from ..recipe import EvalSplit, LoadedRecipe, Source
 from .conversation import Conversation
 from .formats import detect, to_conversation
@@ -90,7 +90,7 @@ def _read_source(source: Source, loaded: LoadedRecipe, key: tuple[str, ...],
         raise DataError(f"data file not found: {location}", loaded.where(*key, "path"))
     report = SourceReport(source.path, str(location), source.format, source.format == "auto")
     if isinstance(location, Path):
-        report.sha256 = _sha256(location)
+        report.sha256 = sha256_file(location)
     conversations = []
     fmt = None if source.format == "auto" else source.format
     for where, row in read_rows(source, root):
@@ -135,14 +135,6 @@ def _weighted(rows: list[Conversation], weight: float, rng: random.Random) -> li
     if fraction > 0:
         out += rng.sample(rows, round(fraction * len(rows)))
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def first_problems(problems: list[DataError]) -> str:
