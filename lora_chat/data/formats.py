@@ -64,40 +64,34 @@ def _text(value: Any, where: Where, name: str) -> str:
     return value
 
 
-def _from_messages(row: dict, where: Where) -> list[Message]:
-    items = row.get("messages")
+def _turn_list(row: dict, where: Where, key: str, role_key: str, content_key: str,
+               roles: dict[str, str], known: str) -> list[Message]:
+    """A list of role/content objects (`messages` or ShareGPT `conversations`), checked item by item."""
+    items = row.get(key)
     if not isinstance(items, list) or not items:
-        raise DataError("messages must be a non-empty list", _field(where, "messages"))
+        raise DataError(f"{key} must be a non-empty list", _field(where, key))
     messages = []
     for i, item in enumerate(items):
-        name = f"messages[{i}]"
+        name = f"{key}[{i}]"
         if not isinstance(item, dict):
-            raise DataError("a message must be an object with role and content", _field(where, name))
-        role = item.get("role")
-        if role not in ROLES:
-            raise DataError(f"unknown role {role!r} (use one of {', '.join(ROLES)})", _field(where, f"{name}.role"))
+            raise DataError(f"each item must be an object with {role_key} and {content_key}", _field(where, name))
+        sender = item.get(role_key)
+        role = roles.get(sender.lower() if isinstance(sender, str) else None)
+        if role is None:
+            raise DataError(f"unknown role {sender!r} (use one of {known})", _field(where, f"{name}.{role_key}"))
         train = item.get("train")
         if train is not None and not isinstance(train, bool):
             raise DataError("train must be true or false", _field(where, f"{name}.train"))
-        messages.append(Message(role, _text(item.get("content"), where, f"{name}.content"), train))
+        messages.append(Message(role, _text(item.get(content_key), where, f"{name}.{content_key}"), train))
     return messages
+
+
+def _from_messages(row: dict, where: Where) -> list[Message]:
+    return _turn_list(row, where, "messages", "role", "content", {r: r for r in ROLES}, ", ".join(ROLES))
 
 
 def _from_sharegpt(row: dict, where: Where) -> list[Message]:
-    items = row.get("conversations")
-    if not isinstance(items, list) or not items:
-        raise DataError("conversations must be a non-empty list", _field(where, "conversations"))
-    messages = []
-    for i, item in enumerate(items):
-        name = f"conversations[{i}]"
-        if not isinstance(item, dict):
-            raise DataError("a turn must be an object with from and value", _field(where, name))
-        sender = item.get("from")
-        role = _SHAREGPT_ROLES.get(str(sender).lower()) if isinstance(sender, str) else None
-        if role is None:
-            raise DataError(f"unknown role {sender!r} (use human, gpt or system)", _field(where, f"{name}.from"))
-        messages.append(Message(role, _text(item.get("value"), where, f"{name}.value")))
-    return messages
+    return _turn_list(row, where, "conversations", "from", "value", _SHAREGPT_ROLES, "human, gpt, system")
 
 
 def _from_alpaca(row: dict, where: Where) -> list[Message]:
