@@ -120,8 +120,10 @@ def _from_turns(row: dict, where: Where) -> list[Message]:
     turns = row.get("turns")
     if not isinstance(turns, list) or not turns:
         raise DataError("turns must be a non-empty list of strings", _field(where, "turns"))
-    return [Message("user" if i % 2 == 0 else "assistant", _text(t, where, f"turns[{i}]"))
-            for i, t in enumerate(turns)]
+    messages = [Message("user" if i % 2 == 0 else "assistant", _text(t, where, f"turns[{i}]"))
+                for i, t in enumerate(turns)]
+    # An odd count ends on a user line that nothing answers: it would only cost tokens.
+    return messages[:-1] if len(messages) > 2 and messages[-1].role == "user" else messages
 
 
 _CONVERTERS: dict[str, Callable[[dict, Where], list[Message]]] = {
