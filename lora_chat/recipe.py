@@ -164,9 +164,24 @@ class LoadedRecipe:
         return Where(self.path, None, ".".join(key))
 
     def to_yaml(self) -> str:
-        """The fully resolved recipe (extends, --set and ${ENV} applied), as written into adapters."""
+        """The fully resolved recipe (extends, --set and ${ENV} applied), as written into adapters.
+
+        Local data and template paths become absolute: the copy lives in another folder and must still
+        find the same files (eval re-derives the held-out split from it).
+        """
         data = self.recipe.model_dump(mode="json", exclude={"extends"})
+        for split in ("train", "eval"):
+            sources = data["data"][split]
+            for i, source in enumerate(sources if isinstance(sources, list) else []):
+                source["path"] = self._absolute(source["path"], "data", split, str(i), "path")
+        if data["template"]["file"]:
+            data["template"]["file"] = self._absolute(data["template"]["file"], "template", "file")
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+    def _absolute(self, path: str, *key: str) -> str:
+        if path.startswith(("pkg:", "hf:")) or Path(path).expanduser().is_absolute():
+            return path
+        return str((self.dir_of(*key) / path).resolve())
 
 
 # ---------------------------------------------------------------- loading

@@ -125,10 +125,21 @@ def test_resolved_recipe_round_trips(tmp_path):
     path = write(tmp_path, MINIMAL, "first.yaml")
     resolved = load_recipe(path, ["training.lr=0.01"]).to_yaml()
     again = write(tmp_path, resolved, "again.yaml")
-    assert load_recipe(again).recipe == load_recipe(path, ["training.lr=0.01"]).recipe
+    assert load_recipe(again).to_yaml() == resolved
+    assert load_recipe(again).recipe.training.lr == 0.01
 
 
 def test_shipped_recipes_validate():
     root = Path(__file__).parent.parent / "recipes"
     for path in sorted(root.glob("*.yaml")):
         assert load_recipe(path).recipe.name
+
+
+def test_resolved_recipe_makes_local_paths_absolute_so_a_copy_elsewhere_still_finds_the_data(tmp_path):
+    path = write(tmp_path, MINIMAL + "template:\n  file: chat.jinja\n")
+    elsewhere = tmp_path / "adapter"
+    elsewhere.mkdir()
+    copy = write(elsewhere, load_recipe(path).to_yaml())
+    loaded = load_recipe(copy)
+    assert loaded.recipe.data.train[0].path == str(tmp_path / "train.jsonl")
+    assert loaded.recipe.template.file == str(tmp_path / "chat.jinja")
