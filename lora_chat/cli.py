@@ -102,5 +102,61 @@ def preview(recipe: str, overrides: tuple[str, ...], limit: int, split: str, as_
         print_samples(samples, tokenizer, console)
 
 
+@main.command(name="eval")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Held-out data file (repeatable: adapter x dataset matrix). Default: each adapter's eval split.")
+@click.option("--base", help="Base model (hub id or folder). Default: the one the first adapter was trained on.")
+@click.option("--max-samples", type=click.IntRange(min=1), help="Evaluate at most N conversations per dataset.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Longest generated reply.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0 = greedy decoding; above 0 = sampling, seeded by --seed.")
+@click.option("--seed", default=0, show_default=True, help="Seed for sampling and bootstrap intervals.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Prompts per generate call.")
+@click.option("--judge-url", help="OpenAI-compatible endpoint for a pairwise judge (e.g. http://127.0.0.1:8000/v1).")
+@click.option("--judge-model", help="Model name to ask the judge endpoint for.")
+@click.option("--out", default="eval", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for report.json, report.md and report.html.")
+@_report_errors
+def eval_(adapters, data, base, max_samples, max_new_tokens, temperature, seed, batch_size, judge_url,
+          judge_model, out) -> None:
+    """Base vs adapters on the same held-out conversations: loss, generation metrics, judge, reports."""
+    from pathlib import Path
+
+    from .evaluate.generate import Decoding
+    from .evaluate.report import summary_table
+    from .evaluate.run import EvalOptions, run_eval
+
+    decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
+    options = EvalOptions(tuple(map(Path, adapters)), tuple(map(Path, data)), base, max_samples, decoding,
+                          judge_url, judge_model, Path(out), seed)
+    report = run_eval(options, say=lambda line: err_console.out(line))
+    from rich.table import Table
+
+    table = Table(*summary_table(report)[0], title="pooled over all datasets; [low, high] = bootstrap 95% CI")
+    for row in summary_table(report)[1]:
+        table.add_row(*row)
+    console.print(table)
+
+
+@main.command()
+@_recipe_arg
+@_set_option
+@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in output.dir.")
+@click.option("--overwrite", is_flag=True, help="Replace an adapter (or unfinished run) already in output.dir.")
+@click.option("--dry-run", is_flag=True, help="Resolve everything and print the plan; train and write nothing.")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Run as N processes (DDP via torch.distributed / accelerate).")
+@_report_errors
+def finetune(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool, dry_run: bool,
+             processes: int) -> None:
+    """Train a LoRA/QLoRA adapter from RECIPE. Exit 0 done, 2 bad input, 1 failed, 130/143 interrupted."""
+    from .train import Options, finetune as run_finetune
+
+    run_finetune(recipe, overrides, Options(resume, overwrite, dry_run, processes), console)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,313 @@
+"""What an eval run found, summarised with confidence intervals and written as JSON, Markdown and HTML.
+
+`build_report` turns raw per-sample results into the `report.json` shape:
+    models:   one row per model (`base` first), pooled over every dataset, plus `by_dataset`
+              (the adapter x dataset matrix: transfer and forgetting read as deltas against base)
+    datasets: what each dataset was, how many samples were used and why
+    samples:  every prompt with its reference and each model's reply, loss and scores
+All models are resampled with the same seed, so their intervals are paired over the same samples.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .judge import JudgeResult
+from .metrics import METRICS, PRIMARY, win_tie_loss
+from .stats import bootstrap_mean, bootstrap_ratio
+
+BASE = "base"
+SHOWN_SAMPLES = 3  # side by side in report.md / report.html; report.json has them all
+
+
+@dataclass
+class Cell:
+    """One model on one dataset, per sample."""
+
+    nll: list[float]  # summed NLL over trained tokens
+    tokens: list[int]  # trained tokens
+    replies: list[str]
+    scores: list[dict[str, float]]
+    judge: JudgeResult | None = None  # adapters only, when a judge was asked
+
+
+@dataclass
+class DatasetResult:
+    name: str
+    source: str
+    home: str | None  # the adapter whose own eval split this is; None for --data files
+    available: int  # usable conversations in the source
+    origins: list[str]
+    prompts: list[str]
+    references: list[str]
+    notes: list[str] = field(default_factory=list)
+    cells: dict[str, Cell] = field(default_factory=dict)  # model name -> results
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str | None = None  # adapter directory; None for the base
+    domain: str | None = None
+    language: str | None = None
+
+
+def build_report(models: list[ModelInfo], datasets: list[DatasetResult], seed: int, meta: dict) -> dict:
+    rows = []
+    for model in models:
+        row: dict[str, Any] = {"name": model.name}
+        if model.path:
+            row.update(path=model.path, domain=model.domain, language=model.language)
+        cells = [(d, d.cells[model.name]) for d in datasets]
+        row.update(_summary(_pool([c for _, c in cells]), _pool([d.cells[BASE] for d in datasets]), model, seed))
+        row["by_dataset"] = {d.name: _summary(c, d.cells[BASE], model, seed) for d, c in cells}
+        rows.append(row)
+    return {**meta, "models": rows, "datasets": [_dataset_row(d) for d in datasets],
+            "samples": [s for d in datasets for s in _samples(d, models)]}
+
+
+def _pool(cells: list[Cell]) -> Cell:
+    judges = [c.judge for c in cells if c.judge is not None]
+    judge = None
+    if judges:
+        failed = [j for j in judges if j.status != "ok"]
+        judge = failed[0] if failed else JudgeResult("ok", None, [v for j in judges for v in j.verdicts])
+    return Cell([x for c in cells for x in c.nll], [x for c in cells for x in c.tokens],
+                [x for c in cells for x in c.replies], [x for c in cells for x in c.scores], judge)
+
+
+def _summary(cell: Cell, base: Cell, model: ModelInfo, seed: int) -> dict:
+    loss = bootstrap_ratio(cell.nll, cell.tokens, seed)
+    out: dict[str, Any] = {
+        "samples": len(cell.nll),
+        "loss": loss.as_dict(),
+        "perplexity": loss.map(_safe_exp).as_dict(),
+        "metrics": {m: bootstrap_mean([s[m] for s in cell.scores], seed).as_dict() for m in METRICS},
+    }
+    if model.name != BASE:
+        base_loss = sum(base.nll) / max(1, sum(base.tokens))
+        out["delta_loss"] = round(loss.value - base_loss, 4)  # > 0: worse than the base (forgetting)
+        out["vs_base"] = {"metric": PRIMARY, **win_tie_loss([s[PRIMARY] for s in cell.scores],
+                                                            [s[PRIMARY] for s in base.scores])}
+        if cell.judge is not None:
+            out["judge"] = cell.judge.summary(seed)
+    return out
+
+
+def _safe_exp(x: float) -> float:
+    return math.exp(min(x, 700.0))  # float overflow beyond ~709; a loss that high means "no idea" anyway
+
+
+def _dataset_row(d: DatasetResult) -> dict:
+    return {"name": d.name, "source": d.source, "home": d.home, "samples": len(d.prompts),
+            "available": d.available, "notes": d.notes}
+
+
+def _samples(d: DatasetResult, models: list[ModelInfo]) -> list[dict]:
+    out = []
+    for i, (origin, prompt, reference) in enumerate(zip(d.origins, d.prompts, d.references)):
+        sample = {"dataset": d.name, "index": i, "origin": origin, "prompt": prompt, "reference": reference,
+                  "replies": {m.name: d.cells[m.name].replies[i] for m in models},
+                  "loss": {m.name: round(d.cells[m.name].nll[i] / max(1, d.cells[m.name].tokens[i]), 4)
+                           for m in models},
+                  "scores": {m.name: {k: round(v, 2) for k, v in d.cells[m.name].scores[i].items()}
+                             for m in models}}
+        judged = {m.name: d.cells[m.name].judge.verdicts[i] for m in models
+                  if d.cells[m.name].judge is not None and d.cells[m.name].judge.verdicts}
+        if judged:
+            sample["judge"] = judged
+        out.append(sample)
+    return out
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_reports(report: dict, out: Path) -> list[Path]:
+    """report.json, report.md and report.html in `out`, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"report.json": json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+             "report.md": to_markdown(report), "report.html": to_html(report)}
+    for name, text in files.items():
+        _atomic_write(out / name, text)
+    return [out / name for name in files]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fmt(estimate: dict, digits: int = 2) -> str:
+    value, (low, high) = estimate["value"], estimate["ci95"]
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _judge_text(row: dict) -> str:
+    judge = row.get("judge")
+    if judge is None:
+        return ""
+    if judge["status"] != "ok":
+        return "failed"
+    return _fmt(judge["win_rate"], 2)
+
+
+def summary_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table (pooled over datasets); shared by Markdown, HTML and the CLI."""
+    header = ["model", "loss", "perplexity", *METRICS, "win/tie/loss", "judge win rate"]
+    rows = []
+    for m in report["models"]:
+        vs = m.get("vs_base")
+        rows.append([m["name"], _fmt(m["loss"], 3), _fmt(m["perplexity"], 2),
+                     *(_fmt(m["metrics"][k], 1) for k in METRICS),
+                     f"{vs['win']}/{vs['tie']}/{vs['loss']}" if vs else "", _judge_text(m)])
+    return header, rows
+
+
+def matrix_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Loss per model x dataset; adapters also show the change against the base (+ = worse)."""
+    names = [d["name"] for d in report["datasets"]]
+    rows = []
+    for m in report["models"]:
+        cells = []
+        for name in names:
+            cell = m["by_dataset"][name]
+            text = f"{cell['loss']['value']:.3f}"
+            if "delta_loss" in cell:
+                text += f" ({cell['delta_loss']:+.3f})"
+            cells.append(text)
+        rows.append([m["name"], *cells])
+    return ["loss (delta vs base)", *names], rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(header), line(["---"] * len(header)), *map(line, rows)])
+
+
+def _notes(report: dict) -> list[str]:
+    notes = list(report.get("notes", []))
+    for d in report["datasets"]:
+        notes += [f"{d['name']}: {n}" for n in d["notes"]]
+    for m in report["models"]:
+        judge = m.get("judge")
+        if judge and judge["status"] != "ok":
+            notes.append(f"judge failed for {m['name']}: {judge['reason']}")
+    return notes
+
+
+def to_markdown(report: dict) -> str:
+    parts = [f"# Eval: {', '.join(m['name'] for m in report['models'][1:])} vs base",
+             f"Base `{report['base']['model_id']}`; {sum(d['samples'] for d in report['datasets'])} samples; "
+             f"values are means with bootstrap 95% intervals; metrics 0-100; win/tie/loss on {PRIMARY} "
+             f"per sample against the base.",
+             _md_table(*summary_table(report)),
+             "## Per dataset", _md_table(*matrix_table(report))]
+    notes = _notes(report)
+    if notes:
+        parts += ["## Notes", "\n".join(f"- {n}" for n in notes)]
+    parts.append("## Samples")
+    for s in report["samples"][:SHOWN_SAMPLES]:
+        rows = [[name, reply, f"{s['loss'][name]:.3f}", f"{s['scores'][name][PRIMARY]:.1f}"]
+                for name, reply in s["replies"].items()]
+        parts += [f"**{s['dataset']} #{s['index']}** ({s['origin']})",
+                  "```\n" + s["prompt"].replace("```", "'''") + "\n```",
+                  f"Reference: {s['reference']}",
+                  _md_table(["model", "reply", "loss", PRIMARY], [[c.replace("\n", " ") for c in r] for r in rows])]
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def to_html(report: dict) -> str:
+    """One self-contained page: tables, plots as base64 PNG, side-by-side samples."""
+    def table(header, rows):
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    samples = []
+    for s in report["samples"][:SHOWN_SAMPLES]:
+        rows = [[name, reply, f"{s['loss'][name]:.3f}", f"{s['scores'][name][PRIMARY]:.1f}"]
+                for name, reply in s["replies"].items()]
+        samples.append(f"<h3>{html.escape(s['dataset'])} #{s['index']}</h3><pre>{html.escape(s['prompt'])}</pre>"
+                       f"<p><b>Reference:</b> {html.escape(s['reference'])}</p>"
+                       + table(["model", "reply", "loss", PRIMARY], rows))
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in _notes(report))
+    plots = "".join(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">' for alt, png in _plots(report))
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+             "pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>lorachat eval</title><style>{style}</style>"
+            f"</head><body><h1>Eval against base {html.escape(report['base']['model_id'])}</h1>"
+            f"<p>Means with bootstrap 95% intervals; metrics 0-100; win/tie/loss on {PRIMARY} per sample.</p>"
+            + table(*summary_table(report)) + "<h2>Per dataset</h2>" + table(*matrix_table(report))
+            + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "")
+            + f"<h2>Plots</h2>{plots}<h2>Samples</h2>{''.join(samples)}</body></html>\n")
+
+
+def _plots(report: dict) -> list[tuple[str, str]]:
+    """(alt text, base64 PNG): metric bars with 95% intervals, and per-sample loss of base vs each adapter."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also safe in threads and on servers
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    fig, (ax_ppl, ax_metrics) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 3]})
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        offset = (i - (len(models) - 1) / 2) * width  # grouped bars centred on each tick
+        _bars(ax_ppl, [0], [m["perplexity"]], offset, width, m["name"])
+        _bars(ax_metrics, range(len(METRICS)), [m["metrics"][k] for k in METRICS], offset, width, m["name"])
+    ax_ppl.set_xticks([0], ["perplexity (lower is better)"])
+    ax_metrics.set_xticks(range(len(METRICS)), METRICS)
+    ax_metrics.set_ylim(0, 100)
+    ax_metrics.legend(fontsize="small")
+    fig.tight_layout()
+    out = [("metrics with 95% intervals", _png(fig, plt))]
+
+    adapters = models[1:]
+    fig, axes = plt.subplots(1, len(adapters), figsize=(4.5 * len(adapters), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], adapters):
+        for d in report["datasets"]:
+            points = [(s["loss"][BASE], s["loss"][m["name"]]) for s in report["samples"] if s["dataset"] == d["name"]]
+            ax.scatter([p[0] for p in points], [p[1] for p in points], s=12, alpha=0.7, label=d["name"])
+        low, high = ax.get_xlim()
+        ax.plot([low, high], [low, high], color="grey", linewidth=1)  # below the line: adapter better
+        ax.set(xlabel="base loss per sample", ylabel=f"{m['name']} loss", title=m["name"])
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    out.append(("per-sample loss, base vs adapter", _png(fig, plt)))
+    return out
+
+
+def _bars(ax: Any, xs: Any, estimates: list[dict], offset: float, width: float, label: str) -> None:
+    values = [e["value"] or 0.0 for e in estimates]
+    errors = [[max(0.0, v - (e["ci95"][0] or v)) for v, e in zip(values, estimates)],
+              [max(0.0, (e["ci95"][1] or v) - v) for v, e in zip(values, estimates)]]
+    ax.bar([x + offset for x in xs], values, width, yerr=errors, capsize=3, label=label)
+
+
+def _png(fig: Any, plt: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -1,0 +1,103 @@
+"""Training rows from encoded samples: one sample per row, or several packed, and the collator that pads them.
+
+Labels from `dataset.prepare` are unshifted (label[t] is token t when trained). Here each sample is shifted
+on its own, so target[t] is what position t must predict; the last token of a packed sample never predicts the
+first of the next. Packed samples restart their position ids at 0, which is what keeps attention inside each
+sample: flash-attention turns the restarts into `cu_seqlens` (padding-free), and on SDPA/eager transformers
+builds a block-diagonal causal mask from them when no attention_mask and no KV cache is given
+(`find_packed_sequence_indices`; tests/test_train.py checks per-sample losses packed vs unpacked).
+Right padding needs no attention mask either: under a causal mask no real token ever sees a later pad.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..templates import IGNORE, Encoded
+
+
+@dataclass(frozen=True)
+class Row:
+    input_ids: list[int]  # (T,)
+    targets: list[int]  # (T,) shifted per sample; IGNORE where no loss
+    position_ids: list[int]  # (T,) restart at 0 at each packed sample
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _targets(sample: Encoded) -> list[int]:
+    return sample.labels[1:] + [IGNORE]
+
+
+def to_rows(samples: Sequence[Encoded], packing: bool, max_length: int) -> list[Row]:
+    """One row per sample, or samples packed best-fit-decreasing into rows of at most `max_length` tokens."""
+    if not packing:
+        return [Row(s.input_ids, _targets(s), list(range(len(s.input_ids)))) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (room left, bin index): best fit = the tightest room that fits
+    for i in order:
+        size = len(samples[i].input_ids)
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            room, b = free.pop(at)
+            bins[b].append(i)
+            bisect.insort(free, (room - size, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (max_length - size, len(bins) - 1))
+    rows = []
+    for members in bins:
+        members.sort()  # data order inside a row, so packing is reproducible and readable
+        ids, targets, positions = [], [], []
+        for i in members:
+            ids += samples[i].input_ids
+            targets += _targets(samples[i])
+            positions += range(len(samples[i].input_ids))
+        rows.append(Row(ids, targets, positions))
+    return rows
+
+
+class RowDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Row:
+        return self.rows[i]
+
+
+@dataclass
+class Collator:
+    """Rows -> tensors. `flatten` concatenates the batch into one unpadded row (padding-free, flash-attention)."""
+
+    pad_id: int
+    flatten: bool = False
+    multiple_of: int = 8  # round padded lengths so matmul shapes repeat (allocator reuse, kernel choice)
+
+    def __call__(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        if self.flatten:
+            rows = [Row(sum((r.input_ids for r in rows), []), sum((r.targets for r in rows), []),
+                        sum((r.position_ids for r in rows), []))]
+        longest = max(len(r) for r in rows)
+        if not self.flatten:
+            longest = -(-longest // self.multiple_of) * self.multiple_of
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)  # (B, T)
+        targets = torch.full((len(rows), longest), IGNORE, dtype=torch.long)  # (B, T)
+        positions = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
+        for b, row in enumerate(rows):
+            n = len(row)
+            ids[b, :n] = torch.tensor(row.input_ids)
+            targets[b, :n] = torch.tensor(row.targets)
+            positions[b, :n] = torch.tensor(row.position_ids)
+            # Pad positions count up from 0 as one more "sample", so they never join the last real one.
+            positions[b, n:] = torch.arange(longest - n)
+        return {"input_ids": ids, "position_ids": positions, "shift_labels": targets,
+                "real_tokens": torch.tensor(sum(len(r) for r in rows))}

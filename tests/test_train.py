@@ -1,0 +1,297 @@
+"""`lorachat finetune` on the tiny model: adapter contents, packing maths, resume, signals, faults, DDP."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lora_chat.cli import main
+
+SLOW_STEPS = """
+import sys, time
+from lora_chat.train import trainer
+step = trainer.LorachatTrainer.training_step
+def slow(self, *a, **k):
+    time.sleep(0.25)
+    return step(self, *a, **k)
+trainer.LorachatTrainer.training_step = slow
+from lora_chat.cli import main
+main(sys.argv[1:])
+"""
+
+
+def finetune(*args) -> object:
+    return CliRunner().invoke(main, ["finetune", *map(str, args)])
+
+
+def log_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in log_lines(out) if "loss" in r}
+
+
+def out_dir(recipe: Path) -> Path:
+    import yaml
+
+    return Path(yaml.safe_load(recipe.read_text())["output"]["dir"])
+
+
+def start_slow(recipe: Path, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", SLOW_STEPS, "finetune", str(recipe), *flags], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+def test_adapter_directory_is_complete_and_loads_with_plain_peft(make_recipe, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_chat.adapters import read_adapter, verify
+
+    recipe = make_recipe()
+    result = finetune(recipe)
+    assert result.exit_code == 0, result.output
+    out = out_dir(recipe)
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json",
+            "recipe.yaml", "metrics.json", "train_log.jsonl", "README.md", "manifest.json"} <= names
+    assert not [n for n in out.parent.iterdir() if n.name.startswith(".")], "no temp folders left"
+    assert verify(out) == []
+    info = read_adapter(out)
+    assert info.name == out.name and info.base_model == str(tiny_base)
+    source = info.manifest["inputs"]["data"]["sources"][0]
+    assert len(source["sha256"]) == 64
+    assert info.manifest["base"]["num_hidden_layers"] == 2
+    assert set(info.manifest["versions"]) >= {"lorachat", "peft", "transformers", "torch"}
+    card = (out / "README.md").read_text()
+    assert "base_model_relation: adapter" in card and "library_name: peft" in card
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out)
+    assert model.peft_config["default"].r == 16
+    assert [r["step"] for r in log_lines(out) if "loss" in r] == [1, 2, 3, 4]
+    assert {"loss", "lr", "tokens_per_s"} <= set(log_lines(out)[0])
+
+
+def test_loss_goes_down(make_recipe):
+    recipe = make_recipe(training={"max_steps": 12, "batch_size": 4, "grad_accum": 1, "lr": 5e-3, "log_every": 1,
+                                   "scheduler": "constant", "warmup_ratio": 0.0})
+    assert finetune(recipe).exit_code == 0
+    seen = losses(out_dir(recipe))
+    assert seen[12] < seen[1] - 0.3
+
+
+def test_dry_run_prints_plan_and_writes_nothing(make_recipe):
+    recipe = make_recipe()
+    result = finetune(recipe, "--dry-run")
+    assert result.exit_code == 0, result.output
+    for word in ("base", "trainable", "tokens", "steps", "epochs"):
+        assert word in result.output
+    assert not out_dir(recipe).exists()
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_packed_per_sample_loss_equals_unpacked(tiny_base):
+    """No attention across packed samples: each sample's loss is the same alone or packed with others."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_chat.templates import IGNORE, Encoded
+    from lora_chat.train.collate import Collator, to_rows
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa", dtype=torch.float32)
+    samples = [Encoded(ids, [IGNORE] * 3 + ids[3:], None)
+               for ids in (torch.randint(3, 300, (n,)).tolist() for n in (17, 9, 30, 5))]
+    collate = Collator(pad_id=2)
+
+    def per_sample_losses(rows) -> list[float]:
+        batch = collate(rows)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch["shift_labels"].flatten(), reduction="none").view(batch["input_ids"].shape)
+        result = []
+        for b, row in enumerate(rows):  # split each row back into its samples by the position-id restarts
+            starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row)]
+            result += [float(token_loss[b, s:e].sum()) for s, e in zip(starts, starts[1:])
+                       if any(t != IGNORE for t in row.targets[s:e])]
+        return sorted(result)
+
+    packed = to_rows(samples, packing=True, max_length=64)
+    assert len(packed) < len(samples)
+    unpacked = per_sample_losses(to_rows(samples, False, 64))
+    assert len(unpacked) == len(samples)
+    assert per_sample_losses(packed) == pytest.approx(unpacked, rel=1e-5)
+
+
+# ---------------------------------------------------------------- variants
+
+
+def test_qlora_loads_4bit_and_trains(make_recipe):
+    recipe = make_recipe(base={"quantization": "4bit", "dtype": "float32"},
+                         training={"max_steps": 2, "batch_size": 2, "grad_accum": 1, "log_every": 1})
+    result = finetune(recipe)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out_dir(recipe) / "adapter_config.json").read_text())["r"] == 16
+
+
+def test_dora_list_targets_modules_to_save_and_checkpointing(make_recipe):
+    recipe = make_recipe(lora={"variant": "dora", "target_modules": ["q_proj", "v_proj"],
+                               "modules_to_save": ["norm"]},
+                         training={"max_steps": 2, "batch_size": 2, "grad_accum": 2, "log_every": 1,
+                                   "gradient_checkpointing": True, "eval_every": 1, "optimizer": "sgd",
+                                   "scheduler": "linear"})
+    result = finetune(recipe)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out_dir(recipe) / "adapter_config.json").read_text())
+    assert config["use_dora"] and set(config["target_modules"]) == {"q_proj", "v_proj"}
+    assert config["modules_to_save"] == ["norm"]
+    assert [r["step"] for r in log_lines(out_dir(recipe)) if "eval_loss" in r] == [1, 2]
+
+
+# ---------------------------------------------------------------- bad input and faults
+
+
+def test_existing_adapter_is_refused_without_overwrite(make_recipe):
+    recipe = make_recipe(training={"max_steps": 1, "batch_size": 2, "grad_accum": 1})
+    assert finetune(recipe).exit_code == 0
+    before = (out_dir(recipe) / "manifest.json").read_bytes()
+    result = finetune(recipe)
+    assert result.exit_code == 2
+    assert "already holds an adapter; use --overwrite" in result.output
+    assert (out_dir(recipe) / "manifest.json").read_bytes() == before
+    assert finetune(recipe, "--overwrite").exit_code == 0
+
+
+def test_resume_without_checkpoint_exits_2(make_recipe):
+    result = finetune(make_recipe(), "--resume")
+    assert result.exit_code == 2
+    assert "--resume: no complete checkpoint" in result.output
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(make_recipe, monkeypatch):
+    from lora_chat.train import checkpoints
+
+    real = checkpoints.fsync_file
+
+    def fsync_or_full(path):
+        if ".tmp-checkpoint-4" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path)
+
+    monkeypatch.setattr(checkpoints, "fsync_file", fsync_or_full)
+    recipe = make_recipe(training={"max_steps": 6, "batch_size": 2, "grad_accum": 1, "save_every": 2})
+    result = finetune(recipe)
+    assert result.exit_code == 1
+    assert "cannot save checkpoint-4: disk full; checkpoint-2 is intact" in result.output
+    root = out_dir(recipe) / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.name != "train_log.jsonl") == ["checkpoint-2"]
+    assert not (out_dir(recipe) / "manifest.json").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(make_recipe, monkeypatch):
+    from lora_chat.train import trainer
+
+    real = trainer.token_loss_sum
+    calls = {"n": 0}
+
+    def nan_after_three(*args):
+        loss, count = real(*args)
+        calls["n"] += 1
+        return (loss * float("nan"), count) if calls["n"] > 3 else (loss, count)
+
+    monkeypatch.setattr(trainer, "token_loss_sum", nan_after_three)
+    recipe = make_recipe(training={"max_steps": 6, "batch_size": 2, "grad_accum": 1, "save_every": 2})
+    result = finetune(recipe)
+    assert result.exit_code == 1
+    assert "loss became nan at step 4" in result.output and "checkpoint-2" in result.output
+    assert (out_dir(recipe) / "checkpoints" / "checkpoint-2" / "optimizer.pt").exists()
+    assert not (out_dir(recipe) / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------- resume and signals
+
+
+RESUME_TRAINING = {"max_steps": 12, "batch_size": 2, "grad_accum": 2, "lr": 5e-3, "log_every": 1,
+                   "save_every": 3, "keep_checkpoints": 2}
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(make_recipe, tmp_path):
+    whole = make_recipe(name="whole", training=RESUME_TRAINING)
+    assert finetune(whole).exit_code == 0
+    cut = make_recipe(name="cut", training=RESUME_TRAINING)
+    proc = start_slow(cut)
+    wait_for(out_dir(cut) / "checkpoints" / "checkpoint-6", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out_dir(cut) / "manifest.json").exists()
+    assert sorted(p.name for p in (out_dir(cut) / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3",
+                                                                                          "checkpoint-6"]
+    result = finetune(cut, "--resume")
+    assert result.exit_code == 0, result.output
+    expected, got = losses(out_dir(whole)), losses(out_dir(cut))
+    assert sorted(got) == list(range(1, 13))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_sigterm_finishes_step_saves_checkpoint_and_exits_143(make_recipe):
+    recipe = make_recipe(training={**RESUME_TRAINING, "save_every": None})
+    proc = start_slow(recipe)
+    wait_for(out_dir(recipe) / "train_log.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "interrupted at step" in err and "--resume" in err
+    saved = list((out_dir(recipe) / "checkpoints").glob("checkpoint-*"))
+    assert len(saved) == 1 and (saved[0] / "optimizer.pt").exists()
+    assert not (out_dir(recipe) / "manifest.json").exists()
+    assert finetune(recipe, "--resume").exit_code == 0
+    assert (out_dir(recipe) / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def test_two_processes_write_one_adapter_and_log_each_step_once(make_recipe):
+    recipe = make_recipe(training={"max_steps": 3, "batch_size": 2, "grad_accum": 1, "log_every": 1})
+    result = finetune(recipe, "--processes", "2")
+    assert result.exit_code == 0, result.output
+    out = out_dir(recipe)
+    assert [r["step"] for r in log_lines(out) if "loss" in r] == [1, 2, 3]
+    assert (out / "manifest.json").exists()
+    assert len([p for p in out.parent.iterdir()]) == 1
+
+
+@pytest.mark.real_model
+def test_real_smollm2_two_steps(tmp_path, monkeypatch):
+    """The quickstart recipe on the bundled SmolLM2 for two steps: loads, trains, writes an adapter."""
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+    result = finetune(recipe, "--set", "training.max_steps=2", "--set", f"output.dir={tmp_path / 'a'}",
+                      "--set", "data.eval.max_rows=8")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a" / "manifest.json").exists()
