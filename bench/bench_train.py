@@ -5,10 +5,9 @@
 Each configuration trains `--steps` optimizer steps in a fresh subprocess (so peak RSS is its own), with the same
 model, data, seed, batch size and accumulation; then the ratios are printed:
   - real (non-pad) input tokens per second of training time, lorachat / TRL (goal >= 1.3x, with packing);
-  - peak RSS, lorachat / TRL (goal <= 1.0x), and QLoRA (4-bit base) / LoRA. Peak memory follows tokens per
-    micro-batch: with packing, the recipe's 4 rows of up to 512 tokens hold ~3x the real tokens of TRL's 4 padded
-    samples. So lorachat also runs as `lorachat-1row` (1 packed row per micro-batch, 8 micro-batches per step:
-    the same tokens per optimizer step), which is the memory-matched comparison;
+  - peak RSS, lorachat / TRL (goal <= 1.0x), and QLoRA (4-bit base) / LoRA. lorachat runs the recipe as
+    written (one packed row of <= 512 tokens per micro-batch, gradient checkpointing on), and again as
+    `lorachat-nockpt` without gradient checkpointing, to show what that memory costs in speed;
   - achieved FLOP/s as a share of this CPU's matmul peak measured in the same run. Useful work per token is
     ~4 x non-embedding params for a frozen base (forward 2P, input-gradients 2P; LoRA's own is negligible)
     plus attention (fwd+bwd ~ 3 x 4 x layers x hidden x mean context / 2, causal). The same formula is applied to
@@ -50,16 +49,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_lorachat(steps: int, quantization: str, one_row: bool) -> dict:
-    from lora_chat.recipe import load_recipe
+def run_lorachat(steps: int, quantization: str, checkpointing: bool) -> dict:
     from lora_chat.train import Options, finetune
 
     out = Path(tempfile.mkdtemp()) / "adapter"
     overrides = [f"training.max_steps={steps}", f"output.dir={out}", "training.save_every=null",
                  "training.log_every=1", "data.eval.split=0", f"base.quantization={quantization}"]
-    if one_row:
-        t = load_recipe(RECIPE).recipe.training
-        overrides += ["training.batch_size=1", f"training.grad_accum={t.batch_size * t.grad_accum}"]
+    if not checkpointing:
+        overrides.append("training.gradient_checkpointing=false")
     finetune(RECIPE, overrides, Options())
     metrics = json.loads((out / "metrics.json").read_text())["train"]
     lengths = [json.loads(line)["tokens"] for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -128,7 +125,7 @@ def worker(kind: str, steps: int) -> None:
     if kind == "trl":
         result = run_trl(steps)
     else:
-        result = run_lorachat(steps, "4bit" if kind == "qlora" else "none", one_row=kind != "lorachat")
+        result = run_lorachat(steps, "4bit" if kind == "qlora" else "none", checkpointing=kind != "lorachat-nockpt")
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -160,7 +157,7 @@ def flops_per_token(mean_context: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="Optimizer steps per configuration.")
-    parser.add_argument("--worker", choices=["lorachat", "lorachat-1row", "trl", "qlora"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["lorachat", "lorachat-nockpt", "trl", "qlora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.steps)
@@ -170,7 +167,7 @@ def main() -> None:
     peaks = {name: matmul_gflops(name) for name in ("bfloat16", "float32")}
     print(f"matmul peak (1024^3): bf16 {peaks['bfloat16']:.0f} GFLOP/s, fp32 {peaks['float32']:.0f} GFLOP/s; "
           f"lorachat compute dtype: {pick_dtype('auto')}")
-    results = {kind: measure(kind, args.steps) for kind in ("lorachat", "lorachat-1row", "trl", "qlora")}
+    results = {kind: measure(kind, args.steps) for kind in ("lorachat", "lorachat-nockpt", "trl", "qlora")}
     for kind, r in results.items():
         tps = r["tokens"] / r["seconds"]
         gflops = tps * flops_per_token(r["mean_context"]) / 1e9
@@ -179,11 +176,11 @@ def main() -> None:
               f"peak RSS {r['peak_rss_mb']:6.0f} MB, {gflops:5.1f} GFLOP/s = "
               f"{100 * gflops / peaks['bfloat16']:.0f}% of bf16 peak ({100 * gflops / peaks['float32']:.0f}% of fp32)")
     trl, q = results["trl"], results["qlora"]
-    for kind in ("lorachat", "lorachat-1row"):
+    for kind in ("lorachat", "lorachat-nockpt"):
         lc = results[kind]
         print(f"{kind:13s} / TRL: real tokens/s {lc['tokens_per_s'] / trl['tokens_per_s']:.2f}x (goal >= 1.3x), "
               f"peak RSS {lc['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x (goal <= 1.0x)")
-    print(f"QLoRA / LoRA (1 row): peak RSS {q['peak_rss_mb'] / results['lorachat-1row']['peak_rss_mb']:.2f}x")
+    print(f"QLoRA / LoRA: peak RSS {q['peak_rss_mb'] / results['lorachat']['peak_rss_mb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ place, so a folder with a manifest is whole.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import LorachatError, Where
+from .files import sha256_file
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -100,14 +100,6 @@ def verify(path: str | Path) -> list[str]:
 # ---------------------------------------------------------------- writing
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _payload_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST
                   and not p.relative_to(path).parts[0].startswith((".", "checkpoints")))
@@ -183,7 +175,13 @@ def finish(staging: Path, target: Path, *, tokenizer: Any, template_source: str,
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(previous_of(target), ignore_errors=True)  # what --overwrite set aside
     return target
+
+
+def previous_of(target: Path) -> Path:
+    """Where `finetune --overwrite` keeps the adapter it replaces until the new one is published."""
+    return target.parent / f".{target.name}.previous"
 
 
 def update_metrics(path: str | Path, section: str, values: dict[str, Any]) -> None:

@@ -6,9 +6,11 @@ Exit codes: 0 ok, 2 bad input (recipe, data, options), 1 a run that failed, 130/
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -59,6 +61,9 @@ _recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 def main(debug: bool) -> None:
     """LoRA/QLoRA fine-tuning of chat models: one adapter per domain or language."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # bitsandbytes warns on import (via peft) that an optional CPU kernel package is missing; its
+    # fallback works, and the warning would sit above every command's output.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @main.command()
@@ -123,7 +128,7 @@ def preview(recipe: str, overrides: tuple[str, ...], limit: int, split: str, as_
 def eval_(adapters, data, base, max_samples, max_new_tokens, temperature, seed, batch_size, judge_url,
           judge_model, out) -> None:
     """Base vs adapters on the same held-out conversations: loss, generation metrics, judge, reports."""
-    from pathlib import Path
+    from rich.table import Table
 
     from .evaluate.generate import Decoding
     from .evaluate.report import summary_table
@@ -133,10 +138,9 @@ def eval_(adapters, data, base, max_samples, max_new_tokens, temperature, seed, 
     options = EvalOptions(tuple(map(Path, adapters)), tuple(map(Path, data)), base, max_samples, decoding,
                           judge_url, judge_model, Path(out), seed)
     report = run_eval(options, say=lambda line: err_console.out(line))
-    from rich.table import Table
-
-    table = Table(*summary_table(report)[0], title="pooled over all datasets; [low, high] = bootstrap 95% CI")
-    for row in summary_table(report)[1]:
+    header, rows = summary_table(report)
+    table = Table(*header, title="pooled over all datasets; [low, high] = bootstrap 95% CI")
+    for row in rows:
         table.add_row(*row)
     console.print(table)
 

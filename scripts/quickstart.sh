@@ -4,4 +4,6 @@
 set -euo pipefail
 source "$(dirname "$0")/bootstrap.sh"
 lorachat validate recipes/quickstart.yaml
-lorachat preview recipes/quickstart.yaml --limit 1
+lorachat finetune recipes/quickstart.yaml --overwrite
+lorachat eval adapters/construction-faq-en --out reports/construction-faq-en
+echo "adapter: adapters/construction-faq-en   report: reports/construction-faq-en/report.html"

@@ -186,6 +186,26 @@ def test_existing_adapter_is_refused_without_overwrite(make_recipe):
     assert finetune(recipe, "--overwrite").exit_code == 0
 
 
+def test_overwrite_keeps_the_old_adapter_until_the_new_one_is_published(make_recipe, monkeypatch):
+    """Old behaviour: --overwrite deleted the old adapter at start, so a failed run lost it."""
+    from lora_chat.train import run
+
+    recipe = make_recipe(training={"max_steps": 1, "batch_size": 2, "grad_accum": 1})
+    assert finetune(recipe).exit_code == 0
+    before = (out_dir(recipe) / "adapter_model.safetensors").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run, "_save_adapter", fail)
+    assert finetune(recipe, "--overwrite").exit_code != 0
+    previous = out_dir(recipe).parent / f".{out_dir(recipe).name}.previous"
+    assert (previous / "adapter_model.safetensors").read_bytes() == before
+    monkeypatch.undo()
+    assert finetune(recipe, "--overwrite").exit_code == 0
+    assert not previous.exists() and (out_dir(recipe) / "manifest.json").is_file()
+
+
 def test_resume_without_checkpoint_exits_2(make_recipe):
     result = finetune(make_recipe(), "--resume")
     assert result.exit_code == 2

@@ -26,6 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
+from .. import adapters
 from ..adapters import looks_whole
 from ..errors import LorachatError, RunFailed, Where
 from . import checkpoints
@@ -171,9 +172,11 @@ def preflight(loaded, target: Path, options: Options) -> Path | None:
         raise LorachatError(f"{target} holds checkpoints of an unfinished run; use --resume to continue it "
                             f"or --overwrite to start over", where)
     if options.overwrite and target.exists() and not options.dry_run:
-        # Manifest first: from here on the folder no longer looks like a whole adapter.
-        (target / "manifest.json").unlink(missing_ok=True)
-        shutil.rmtree(target)
+        # Set aside, not deleted: the old adapter stays on disk (as .NAME.previous) until the new one is
+        # published, so a run that fails or is killed has not cost the user what they had.
+        previous = adapters.previous_of(target)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(target, previous)
     return None
 
 
@@ -339,7 +342,6 @@ def _last_logged_loss(path: Path) -> float | None:
 def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any]) -> None:
     import errno
 
-    from .. import adapters
     from ..models import model_facts
 
     recipe = inputs.loaded.recipe
@@ -376,7 +378,6 @@ def _base_license(path: Path) -> str | None:
 def _manifest(inputs, facts: dict[str, Any]) -> dict[str, Any]:
     from datetime import datetime, timezone
 
-    from .. import adapters
 
     recipe = inputs.loaded.recipe
     sources = []
