@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import LorachatError, Where
-from .files import sha256_file
+from .files import sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -105,24 +105,9 @@ def _payload_files(path: Path) -> list[Path]:
                   and not p.relative_to(path).parts[0].startswith((".", "checkpoints")))
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write through a temp file and rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.chmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     manifest["files"] = {f.relative_to(path).as_posix(): sha256_file(f) for f in _payload_files(path)}
-    _write_text(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def _umask() -> int:
@@ -157,12 +142,12 @@ def finish(staging: Path, target: Path, *, tokenizer: Any, template_source: str,
     """
     tokenizer.chat_template = template_source  # the template trained with, not the tokenizer's own
     tokenizer.save_pretrained(staging)
-    _write_text(staging / TEMPLATE, template_source)
-    _write_text(staging / RECIPE, recipe_yaml)
-    _write_text(staging / METRICS, json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(staging / TEMPLATE, template_source)
+    write_text_atomic(staging / RECIPE, recipe_yaml)
+    write_text_atomic(staging / METRICS, json.dumps(metrics, indent=2) + "\n")
     if train_log is not None and train_log.is_file():
         shutil.copyfile(train_log, staging / TRAIN_LOG)
-    _write_text(staging / CARD, render_card(manifest, recipe_yaml, metrics))
+    write_text_atomic(staging / CARD, render_card(manifest, recipe_yaml, metrics))
     _write_manifest(staging, manifest)
     from .train.checkpoints import fsync_dir, fsync_tree
 
@@ -194,8 +179,8 @@ def update_metrics(path: str | Path, section: str, values: dict[str, Any]) -> No
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
     previous = metrics.get(section)
     metrics[section] = {**previous, **values} if isinstance(previous, dict) else values
-    _write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-    _write_text(info.path / CARD, render_card(info.manifest, info.recipe_yaml, metrics))
+    write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(info.path / CARD, render_card(info.manifest, info.recipe_yaml, metrics))
     _write_manifest(info.path, info.manifest)
 
 

