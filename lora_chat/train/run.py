@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,8 +70,6 @@ def finetune(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (
     from . import distributed
 
     console = console or Console()
-    # PEFT 0.21 still reads transformers' old attribute name; the warning is theirs to fix, not the user's.
-    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
     if options.processes > 1 and not distributed.in_worker() and not options.dry_run:
         _preflight_only(recipe_path, overrides, options)
         return distributed.launch(recipe_path, overrides, options)
