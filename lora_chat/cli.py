@@ -62,6 +62,8 @@ _recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 def main(debug: bool) -> None:
     """LoRA/QLoRA fine-tuning of chat models: one adapter per domain or language."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # Per-tensor "Loading weights" bars from transformers would bury lorachat's own progress output.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # bitsandbytes warns on import (via peft) that an optional CPU kernel package is missing; its
     # fallback works, and the warning would sit above every command's output.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
