@@ -315,3 +315,12 @@ def test_real_smollm2_two_steps(tmp_path, monkeypatch):
                       "--set", "data.eval.max_rows=8")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "a" / "manifest.json").exists()
+
+
+def test_tensorboard_reporting_writes_event_files(make_recipe):
+    pytest.importorskip("tensorboard")
+    recipe = make_recipe(training={"max_steps": 2, "batch_size": 2, "grad_accum": 1, "log_every": 1,
+                                   "report_to": "tensorboard"})
+    result = finetune(recipe)
+    assert result.exit_code == 0, result.output
+    assert list((out_dir(recipe) / "tensorboard").rglob("events.out.tfevents.*"))

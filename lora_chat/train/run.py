@@ -146,6 +146,8 @@ def finetune(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 # ---------------------------------------------------------------- setup helpers
 
+TENSORBOARD = "tensorboard"  # event files, under output.dir
+
 
 def output_dir(loaded) -> Path:
     recipe = loaded.recipe
@@ -287,7 +289,8 @@ def _build_trainer(inputs, model, train_rows, eval_rows, target, meter, signals,
         except ImportError:
             raise LorachatError("needs the tensorboard package: pip install tensorboard",
                                 inputs.loaded.where("training", "report_to")) from None
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(target / "tensorboard"))
+        # Read by transformers' TensorBoardCallback when the Trainer builds it, i.e. for this run only.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(target / TENSORBOARD)
         report_to = ["tensorboard"]
     if t.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LorachatError("fsdp is not supported yet; use ddp", inputs.loaded.where("training", "distributed"))
@@ -345,6 +348,8 @@ def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any]) -> Non
     staging = adapters.staging_dir(target)
     try:
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging)
+        if (target / TENSORBOARD).is_dir():  # the run's event files belong with the adapter they describe
+            shutil.copytree(target / TENSORBOARD, staging / TENSORBOARD)
         adapters.finish(staging, target, tokenizer=inputs.tokenizer, template_source=inputs.template.source,
                         recipe_yaml=inputs.loaded.to_yaml(), manifest=_manifest(inputs, model_facts(inputs.base)),
                         metrics=metrics, train_log=target / "train_log.jsonl")
