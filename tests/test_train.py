@@ -293,6 +293,23 @@ def test_sigterm_finishes_step_saves_checkpoint_and_exits_143(make_recipe):
     assert (out_dir(recipe) / "manifest.json").exists()
 
 
+def test_second_ctrl_c_aborts_at_once_leaving_nothing_that_looks_whole(make_recipe):
+    recipe = make_recipe(training={**RESUME_TRAINING, "save_every": None})
+    proc = start_slow(recipe)
+    wait_for(out_dir(recipe) / "train_log.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # two signals in one instant reach Python as one
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted at step" not in err  # aborted, not the orderly checkpoint-and-stop
+    assert not (out_dir(recipe) / "manifest.json").exists()
+    from lora_chat.train import checkpoints
+
+    root = out_dir(recipe) / "checkpoints"  # whatever looks like a checkpoint is a complete one
+    assert sorted(root.glob("checkpoint-*")) == sorted(p for _, p in checkpoints.complete(root))
+
+
 # ---------------------------------------------------------------- several processes
 
 
