@@ -14,8 +14,10 @@ from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-# What resume needs; a folder missing any of them is not a checkpoint we can continue from.
-REQUIRED = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+# What resume needs; a folder missing any of them is not a checkpoint we can continue from. Each entry
+# is a set of alternatives: accelerate's FSDP saver writes the gathered optimizer state as optimizer.bin.
+REQUIRED = (("adapter_model.safetensors",), ("optimizer.pt", "optimizer.bin"), ("scheduler.pt",),
+            ("trainer_state.json",))
 
 
 def staging_dir(root: Path, step: int) -> Path:
@@ -59,7 +61,8 @@ def complete(root: Path) -> list[tuple[int, Path]]:
     found = []
     for child in root.iterdir():
         match = _NAME.match(child.name)
-        if match and child.is_dir() and all((child / name).is_file() for name in REQUIRED):
+        if match and child.is_dir() and all(any((child / name).is_file() for name in names)
+                                            for names in REQUIRED):
             found.append((int(match.group(1)), child))
     return sorted(found)
 

@@ -1,6 +1,7 @@
 """`--processes N`: the same run as N processes under `torch.distributed.run` (accelerate picks the backend:
 NCCL on GPUs, gloo on CPU). Each worker runs `finetune` unchanged; transformers' Trainer (through accelerate)
-wraps the model in DDP and shards the data, rank 0 logs, checkpoints and writes the adapter.
+wraps the model in DDP (with `training.distributed: fsdp`, shards it with FSDP2's fully_shard instead) and shards
+the data, rank 0 logs, checkpoints and writes the adapter.
 
 Multi-node: run the same command on every node with torchrun's rendezvous flags, e.g.
     torchrun --nnodes 2 --node-rank R --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \

@@ -137,8 +137,11 @@ def finetune(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (
                            "tokens": values["eval_tokens"], "samples": len(prepared.eval)}
 
     # ---- save: the adapter is built beside the target and renamed into place
+    # Under FSDP each rank holds only a shard of every weight: gathering them is a collective all ranks join,
+    # and only rank 0 receives the full tensors.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if is_main:
-        _save_adapter(inputs, trainer, target, metrics)
+        _save_adapter(inputs, trainer, target, metrics, state_dict)
         console.print(f"[green]adapter written to {target}[/]")
     trainer.accelerator.wait_for_everyone()
     return target
@@ -292,8 +295,7 @@ def _build_trainer(inputs, model, train_rows, eval_rows, target, meter, signals,
         # Read by transformers' TensorBoardCallback when the Trainer builds it, i.e. for this run only.
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(target / TENSORBOARD)
         report_to = ["tensorboard"]
-    if t.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise LorachatError("fsdp is not supported yet; use ddp", inputs.loaded.where("training", "distributed"))
+    fsdp = t.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
     has_eval = bool(eval_rows)
     args = TrainingArguments(
         # use_cpu is what makes accelerate treat N CPU processes as one DDP job (gloo) instead of N lone runs.
@@ -311,7 +313,10 @@ def _build_trainer(inputs, model, train_rows, eval_rows, target, meter, signals,
         activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=False,  # the base already computes in its own dtype; autocast would only add casts
         disable_tqdm=True, remove_unused_columns=False, label_names=["shift_labels"],
-        dataloader_num_workers=0, dataloader_pin_memory=False, ddp_find_unused_parameters=False, save_only_model=False)
+        dataloader_num_workers=0, dataloader_pin_memory=False, ddp_find_unused_parameters=False, save_only_model=False,
+        # FSDP2 (fully_shard), which runs on CPU with gloo; FSDP1 is deprecated in transformers. Each layer in the
+        # model's _no_split_modules becomes its own shard unit.
+        fsdp=fsdp, fsdp_config={"version": 2} if fsdp else None)
     attn = getattr(model.config, "_attn_implementation", "") or ""
     collator = Collator(pad_id=inputs.tokenizer.pad_token_id, flatten=attn.startswith("flash"))
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -339,7 +344,7 @@ def _last_logged_loss(path: Path) -> float | None:
 # ---------------------------------------------------------------- save
 
 
-def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any]) -> None:
+def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any], state_dict: dict | None) -> None:
     import errno
 
     from ..models import model_facts
@@ -347,7 +352,7 @@ def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any]) -> Non
     recipe = inputs.loaded.recipe
     staging = adapters.staging_dir(target)
     try:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, state_dict=state_dict)
         if (target / TENSORBOARD).is_dir():  # the run's event files belong with the adapter they describe
             shutil.copytree(target / TENSORBOARD, staging / TENSORBOARD)
         adapters.finish(staging, target, tokenizer=inputs.tokenizer, template_source=inputs.template.source,

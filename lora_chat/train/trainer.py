@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from ..errors import RunFailed
+from ..errors import LorachatError, RunFailed
 from . import checkpoints
 from .callbacks import StepMeter, _all_sum
 from .loss import TrainedPositions, token_loss_sum
@@ -31,6 +31,29 @@ class LorachatTrainer(Trainer):
         # compute_loss divides by the batch's trained-token count itself (num_items_in_batch), so the
         # Trainer must not divide again by gradient_accumulation_steps.
         self.loss_is_scaled_for_ga = True
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # accelerate turns on FSDP only for GPU-like backends: on CPU (MULTI_CPU, gloo) it drops the plugin and
+        # quietly runs DDP. FSDP2's fully_shard itself works on CPU with gloo, so finish the switch as
+        # AcceleratorState does on GPUs: both state singletons hold distributed_type, the accelerator the plugin.
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            from accelerate.state import PartialState
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            PartialState().distributed_type = self.accelerator.state.distributed_type = DistributedType.FSDP
+            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # accelerate's FSDP saver writes the weights and the optimizer state in its own files, which neither the
+        # DDP/single-process loader nor the FSDP loader reads from the other's checkpoints.
+        sharded = (Path(resume_from_checkpoint) / "pytorch_model_fsdp.bin").is_file()
+        if sharded != self.is_fsdp_enabled:
+            how = ("an fsdp run; resume it with training.distributed: fsdp and --processes 2 or more" if sharded
+                   else "a ddp or single-process run; resume it with training.distributed: ddp")
+            raise LorachatError(f"{resume_from_checkpoint} was written by {how}")
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, trained = token_loss_sum(model, self.selector, inputs)
