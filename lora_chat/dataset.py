@@ -7,6 +7,8 @@ exactly what the trainer sees.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .data import Conversation, LoadedData
@@ -48,8 +50,9 @@ def encode_split(conversations: list[Conversation], template: ChatTemplate, load
     data = loaded.recipe.data
     stats = SplitStats(rows=len(conversations))
     kept: list[Encoded] = []
-    for start in range(0, len(conversations), CHUNK):
-        for item in template.encode_batch(conversations[start:start + CHUNK], data.train_on, role_stats):
+    chunks = [conversations[i:i + CHUNK] for i in range(0, len(conversations), CHUNK)]
+    for encoded in _pipelined(chunks, template, data.train_on, role_stats):
+        for item in encoded:
             if isinstance(item, DataError):
                 if problems is None:
                     raise item
@@ -69,6 +72,22 @@ def encode_split(conversations: list[Conversation], template: ChatTemplate, load
                 acc[1] += t
     stats.kept = len(kept)
     return kept, stats
+
+
+def _pipelined(chunks: list[list[Conversation]], template: ChatTemplate, train_on: str,
+               role_stats: bool) -> Iterator[list[Encoded | DataError]]:
+    """Encode chunk by chunk, rendering the next chunk (Python, jinja) in a thread while this one is
+    tokenized (Rust, which releases the GIL): the two halves of the work overlap on two cores."""
+    if len(chunks) < 2:
+        yield from (template.encode_batch(c, train_on, role_stats) for c in chunks)
+        return
+    with ThreadPoolExecutor(max_workers=1) as renderer:
+        pending = renderer.submit(template.render_batch, chunks[0], train_on)
+        for i, chunk in enumerate(chunks):
+            rendered = pending.result()
+            if i + 1 < len(chunks):
+                pending = renderer.submit(template.render_batch, chunks[i + 1], train_on)
+            yield template.tokenize_rendered(chunk, rendered, role_stats)
 
 
 def _fit(item: Encoded, max_length: int, policy: str, stats: SplitStats,

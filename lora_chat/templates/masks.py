@@ -191,18 +191,22 @@ class ChatTemplate:
 
     # ------------------------------------------------------------ tokenizing
 
-    def encode_batch(self, conversations: list[Conversation], train_on: TrainOn,
-                     role_stats: bool = False) -> list[Encoded | DataError]:
-        """Render, tokenize (one batched call) and mask; a refused conversation comes back as its DataError.
-
-        `role_stats` also counts tokens and trained tokens per role (for `validate`).
-        """
+    def render_batch(self, conversations: list[Conversation], train_on: TrainOn) -> list[Rendered | DataError]:
+        """Render each conversation and find its spans; a refused one comes back as its DataError."""
         rendered: list[Rendered | DataError] = []
         for conversation in conversations:
             try:
                 rendered.append(self.render_spans(conversation, train_on))
             except DataError as err:
                 rendered.append(err)
+        return rendered
+
+    def tokenize_rendered(self, conversations: list[Conversation], rendered: list[Rendered | DataError],
+                          role_stats: bool = False) -> list[Encoded | DataError]:
+        """Tokenize rendered conversations in one batched call and mask them.
+
+        `role_stats` also counts tokens and trained tokens per role (for `validate`).
+        """
         texts = [r.text for r in rendered if isinstance(r, Rendered)]
         batch = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
                                return_attention_mask=False) if texts else {"input_ids": [], "offset_mapping": []}
@@ -217,6 +221,11 @@ class ChatTemplate:
             roles = _count_roles(offsets, labels, r.roles) if role_stats else None
             out.append(Encoded(list(ids), labels, conversation.origin, roles))
         return out
+
+    def encode_batch(self, conversations: list[Conversation], train_on: TrainOn,
+                     role_stats: bool = False) -> list[Encoded | DataError]:
+        """Render, tokenize (one batched call) and mask; a refused conversation comes back as its DataError."""
+        return self.tokenize_rendered(conversations, self.render_batch(conversations, train_on), role_stats)
 
     def encode(self, conversation: Conversation, train_on: TrainOn = "assistant") -> Encoded:
         result = self.encode_batch([conversation], train_on)[0]
