@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import LorachatError, Where
-from .files import sha256_file, write_text_atomic
+from .files import current_umask, sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -110,17 +110,11 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def staging_dir(target: Path) -> Path:
     """A fresh temp folder beside `target` (same filesystem, so the final rename is atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    path.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the published adapter private
+    path.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the published adapter private
     return path
 
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_chat.errors import ModelError, Where
-from lora_chat.files import sha256_file
+from lora_chat.files import current_umask, sha256_file
 
 if TYPE_CHECKING:  # only for annotations: importing torch here would make `validate` slow
     import torch
@@ -442,8 +442,7 @@ def _fix_exported_config(config: Any) -> None:
 def _match_umask(folder: Path, names: list[str]) -> None:
     # mkdtemp makes the folder 0700 and safetensors files come out 0600; a folder
     # that may be renamed into a shared cache should get what the user's umask asks.
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     with contextlib.suppress(OSError):
         folder.chmod(0o777 & ~umask)
     for name in names:
