@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -11,7 +12,7 @@ from .data.loading import first_problems
 from .dataset import Prepared, SplitStats, prepare
 from .errors import DataError
 from .pipeline import Inputs, load_inputs
-from .templates import ChatTemplate
+from .templates import IGNORE
 
 
 @dataclass
@@ -30,23 +31,31 @@ def validate(recipe_path: str, overrides: list[str] = ()) -> Validation:
     inputs = load_inputs(recipe_path, overrides)
     problems = list(inputs.data.problems)
     prepared = prepare(inputs.loaded, inputs.data, inputs.template, role_stats=True, problems=problems)
-    return Validation(inputs, prepared, problems, template_warnings(inputs.template, prepared))
+    return Validation(inputs, prepared, problems, template_warnings(inputs, prepared))
 
 
-def template_warnings(template: ChatTemplate, prepared: Prepared) -> list[str]:
+def template_warnings(inputs: Inputs, prepared: Prepared) -> list[str]:
     """What about the template could quietly spoil training, judged on the first sample."""
-    warnings = []
-    if not prepared.train:
-        return warnings
+    if not prepared.train or inputs.loaded.recipe.data.train_on == "all":
+        return []
     sample = prepared.train[0]
-    trained = [i for i, label in zip(sample.input_ids, sample.labels) if label != -100]
-    tok = template.tokenizer
-    stop_ids = {tok.eos_token_id} | set(getattr(getattr(tok, "generation_config", None), "eos_token_id", []) or [])
-    if trained and trained[-1] not in stop_ids and template.name != "all":
+    trained = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE]
+    tok = inputs.tokenizer
+    if trained and trained[-1] not in _stop_ids(inputs):
         last = tok.convert_ids_to_tokens(trained[-1])
-        warnings.append(f"the last trained token of a reply is {last!r}, not the tokenizer's eos "
-                        f"{tok.eos_token!r}: generation may not stop where training taught it to")
-    return warnings
+        return [f"the last trained token of a reply is {last!r}, not the tokenizer's eos {tok.eos_token!r} "
+                f"or a stop token of the model: generation may not stop where training taught it to"]
+    return []
+
+
+def _stop_ids(inputs: Inputs) -> set[int]:
+    """The tokenizer's eos plus the base's generation_config.json eos ids (Llama-3 stops on <|eot_id|>)."""
+    ids = {inputs.tokenizer.eos_token_id}
+    config = inputs.base.path / "generation_config.json"
+    if config.is_file():
+        configured = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
+        ids.update(configured if isinstance(configured, list) else [configured])
+    return ids
 
 
 def print_report(v: Validation, console: Console) -> None:

@@ -157,3 +157,18 @@ def test_preview_eval_split(make_recipe):
 def test_debug_flag_shows_the_traceback(tmp_path):
     result = run("--debug", "validate", tmp_path / "nope.yaml")
     assert result.exit_code != 0 and result.exception is not None
+
+
+def test_template_without_an_end_of_turn_after_the_reply_is_warned_about(make_recipe, tmp_path):
+    (tmp_path / "no-stop.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{% if not loop.last %}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_end|>\n<|im_start|>assistant\n{% endif %}", encoding="utf-8")
+    result = run("validate", make_recipe(template={"file": "no-stop.jinja"}))
+    assert result.exit_code == 0, result.output
+    assert "generation may not stop where training taught it to" in " ".join(result.output.split())
+
+
+def test_a_template_that_ends_replies_with_eos_gets_no_stop_warning(make_recipe):
+    result = run("validate", make_recipe())
+    assert result.exit_code == 0 and "may not stop" not in result.output
