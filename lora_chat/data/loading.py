@@ -91,6 +91,16 @@ def _read_source(source: Source, loaded: LoadedRecipe, key: tuple[str, ...],
     report = SourceReport(source.path, str(location), source.format, source.format == "auto")
     if isinstance(location, Path):
         report.sha256 = sha256_file(location)
+    conversations = read_conversations(source, root, report, problems)
+    return conversations, report
+
+
+def read_conversations(source: Source, root: Path, report: SourceReport,
+                       problems: list[DataError]) -> list[Conversation]:
+    """Every usable conversation of a source; rows that are not are appended to `problems`.
+
+    Fills in `report`'s row counts and, for `format: auto`, the format found in the first row.
+    """
     conversations = []
     fmt = None if source.format == "auto" else source.format
     for where, row in read_rows(source, root):
@@ -104,7 +114,7 @@ def _read_source(source: Source, loaded: LoadedRecipe, key: tuple[str, ...],
         except DataError as err:
             problems.append(err)
     report.usable = len(conversations)
-    return conversations, report
+    return conversations
 
 
 def _key(conversation: Conversation) -> tuple:

@@ -23,9 +23,7 @@ from typing import Any
 from .. import __version__
 from ..adapters import AdapterInfo, check_compatible, read_adapter, update_metrics
 from ..data import Conversation
-from ..data.formats import detect, to_conversation
-from ..data.loading import load_data
-from ..data.sources import read_rows
+from ..data.loading import SourceReport, load_data, read_conversations
 from ..dataset import encode_split
 from ..errors import DataError, LorachatError, Where
 from ..models import ResolvedBase, load_model, load_tokenizer, model_facts, resolve_base
@@ -209,15 +207,9 @@ def _read_file(path: Path) -> list[Conversation]:
     unless no row is usable, which is an error naming the first problem."""
     if not path.is_file():
         raise DataError("data file not found", Where(path, None, "--data"))
-    conversations, problems, fmt = [], [], None
-    for where, row in read_rows(Source(path=str(path.resolve()), format="auto"), path.parent):
-        try:
-            if isinstance(row, DataError):
-                raise row
-            fmt = fmt or detect(row, where)
-            conversations.append(to_conversation(row, fmt, where))
-        except DataError as err:
-            problems.append(err)
+    problems: list[DataError] = []
+    source = Source(path=str(path.resolve()), format="auto")
+    conversations = read_conversations(source, path.parent, SourceReport(str(path), str(path), "auto", True), problems)
     if conversations:
         return conversations
     if problems and all("no assistant turn" in p.reason for p in problems):
