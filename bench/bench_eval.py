@@ -34,7 +34,7 @@ def main() -> None:
 
     from lora_chat.evaluate.generate import Decoding, generate_batched, stop_ids
     from lora_chat.models import load_model
-    from lora_chat.pipeline import load_inputs
+    from lora_chat.inputs import load_inputs
 
     inputs = load_inputs(RECIPE, need_weights=True)
     conversations = (inputs.data.eval + inputs.data.train)[: args.prompts]

@@ -66,8 +66,8 @@ def run_lorachat(steps: int, quantization: str, checkpointing: bool) -> dict:
 
 def _mean_context(out: Path) -> float:
     # Packed rows hold several samples; attention spans one sample, so the mean sample length is what counts.
-    from lora_chat.dataset import prepare
-    from lora_chat.pipeline import load_inputs
+    from lora_chat.encoding import prepare
+    from lora_chat.inputs import load_inputs
 
     inputs = load_inputs(RECIPE, ["data.eval.split=0"])
     train = prepare(inputs.loaded, inputs.data, inputs.template).train
@@ -81,7 +81,7 @@ def run_trl(steps: int) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from lora_chat.models import resolve_base
-    from lora_chat.pipeline import load_inputs
+    from lora_chat.inputs import load_inputs
 
     inputs = load_inputs(RECIPE, ["data.eval.split=0"])
     recipe = inputs.loaded.recipe

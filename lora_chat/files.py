@@ -1,4 +1,4 @@
-"""File helpers shared by data loading, base export and adapters."""
+"""Ground floor: file helpers every layer shares (hashing, atomic writes, the umask, the cache folder)."""
 
 from __future__ import annotations
 
@@ -38,3 +38,33 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def user_cache_dir() -> Path:
+    """The lorachat cache: `$LORACHAT_CACHE`, else `$XDG_CACHE_HOME/lorachat`, else `~/.cache/lorachat`."""
+    if os.environ.get("LORACHAT_CACHE"):
+        return Path(os.environ["LORACHAT_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lorachat"
+    return Path.home() / ".cache" / "lorachat"
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        fsync_file(file)
+    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
+        fsync_dir(folder)
+    fsync_dir(path)

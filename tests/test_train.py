@@ -213,16 +213,16 @@ def test_resume_without_checkpoint_exits_2(make_recipe):
 
 
 def test_disk_full_while_saving_keeps_previous_checkpoint(make_recipe, monkeypatch):
-    from lora_chat.train import checkpoints
+    from lora_chat import files
 
-    real = checkpoints.fsync_file
+    real = files.fsync_file
 
     def fsync_or_full(path):
         if ".tmp-checkpoint-4" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path)
 
-    monkeypatch.setattr(checkpoints, "fsync_file", fsync_or_full)
+    monkeypatch.setattr(files, "fsync_file", fsync_or_full)
     recipe = make_recipe(training={"max_steps": 6, "batch_size": 2, "grad_accum": 1, "save_every": 2})
     result = finetune(recipe)
     assert result.exit_code == 1

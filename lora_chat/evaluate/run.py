@@ -24,7 +24,7 @@ from .. import __version__
 from ..adapters import AdapterInfo, check_compatible, read_adapter, update_metrics
 from ..data import Conversation
 from ..data.loading import SourceReport, load_data, read_conversations
-from ..dataset import encode_split
+from ..encoding import encode_split
 from ..errors import DataError, LorachatError, Where
 from ..models import ResolvedBase, load_model, load_tokenizer, model_facts, resolve_base
 from ..recipe import LoadedRecipe, Source, load_recipe

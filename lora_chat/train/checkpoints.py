@@ -12,6 +12,8 @@ import re
 import shutil
 from pathlib import Path
 
+from ..files import fsync_dir, fsync_tree
+
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # What resume needs; a folder missing any of them is not a checkpoint we can continue from. Each entry
@@ -22,27 +24,6 @@ REQUIRED = (("adapter_model.safetensors",), ("optimizer.pt", "optimizer.bin"), (
 
 def staging_dir(root: Path, step: int) -> Path:
     return root / f".tmp-checkpoint-{step}"
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        fsync_file(file)
-    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
-        fsync_dir(folder)
-    fsync_dir(path)
 
 
 def publish(staging: Path, final: Path) -> None:

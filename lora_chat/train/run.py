@@ -75,8 +75,8 @@ def finetune(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (
         return distributed.launch(recipe_path, overrides, options)
 
     # ---- setup: inputs before weights, so bad recipes and data fail in seconds
-    from ..dataset import prepare
-    from ..pipeline import load_inputs
+    from ..encoding import prepare
+    from ..inputs import load_inputs
 
     inputs = load_inputs(recipe_path, overrides, need_weights=not options.dry_run)
     recipe = inputs.loaded.recipe

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from .errors import LorachatError, Where
-from .files import current_umask, sha256_file, write_text_atomic
+from ..errors import LorachatError, Where
+from ..files import current_umask, fsync_dir, fsync_tree, sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -31,7 +31,6 @@ RECIPE = "recipe.yaml"
 TRAIN_LOG = "train_log.jsonl"
 TEMPLATE = "chat_template.jinja"
 FORMAT = 1
-COMPAT_KEYS = ("architecture", "hidden_size", "num_hidden_layers", "vocab_size")
 
 
 @dataclass
@@ -67,16 +66,6 @@ def read_adapter(path: str | Path) -> AdapterInfo:
     recipe_path = path / RECIPE
     recipe_yaml = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else ""
     return AdapterInfo(path, path.resolve().name, manifest, recipe_yaml, base_model)
-
-
-def check_compatible(info: AdapterInfo, base_facts: dict[str, Any]) -> None:
-    """Refuse (one line) an adapter trained on a base of another architecture or shape."""
-    trained = info.manifest.get("base", {})
-    diffs = [f"{key} {trained.get(key)} != {base_facts.get(key)}" for key in COMPAT_KEYS
-             if trained.get(key) != base_facts.get(key)]
-    if diffs:
-        raise LorachatError(f"trained on {info.base_model}, which differs from this base: {', '.join(diffs)}",
-                            Where(info.path))
 
 
 def verify(path: str | Path) -> list[str]:
@@ -143,8 +132,6 @@ def finish(staging: Path, target: Path, *, tokenizer: Any, template_source: str,
         shutil.copyfile(train_log, staging / TRAIN_LOG)
     write_text_atomic(staging / CARD, render_card(manifest, recipe_yaml, metrics))
     _write_manifest(staging, manifest)
-    from .train.checkpoints import fsync_dir, fsync_tree
-
     fsync_tree(staging)
     old = None
     if target.exists():
