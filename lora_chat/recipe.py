@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import LorachatError, RecipeError, Where
 
@@ -47,6 +48,13 @@ class Template(_Section):
     )
     file: str | None = Field(None, description="A .jinja file, relative to the recipe; overrides `name`.")
     system: str | None = Field(None, description="Default system prompt for conversations that have none.")
+    add_special_tokens: Literal["auto", False] = Field(
+        "auto", description="auto: the template's markers (e.g. ChatML's <|im_start|>) that are not single tokens "
+        "of the base are added as special tokens and only their embedding rows are trained; false: keep them as "
+        "text pieces.")
+
+
+PERSONA = "Your persona:\n{persona}"  # PersonaChat's default system message (ParlAI writes "your persona: ...")
 
 
 class Source(_Section):
@@ -54,12 +62,39 @@ class Source(_Section):
         description="A local .jsonl/.json/.csv/.parquet file (relative to the recipe), "
         "`pkg:DIST/path/in/package` for a file shipped in an installed package, or `hf:DATASET_ID`."
     )
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "dailydialog", "personachat",
+                    "multiwoz"] = Field(
         "auto", description="Row format; auto detects it from the first row and says what it found."
     )
     weight: float = Field(1.0, gt=0, description="Sampling weight when mixing sources (1.0 = each row once).")
-    split: str = Field("train", description="Split name, for `hf:` datasets.")
+    split: str = Field("train", description="Split name, for `hf:` datasets and for a .json object holding one "
+                       "list per split (PersonaChat's {train: [...], valid: [...]}).")
     name: str | None = Field(None, description="Dataset config name, for `hf:` datasets.")
+    # Options of the dialogue-corpus formats (data/formats.py).
+    roles: tuple[Literal["user", "assistant"], Literal["user", "assistant"]] | None = Field(
+        None, description="dailydialog, multiwoz, turns: the roles of the first and second speaker "
+        "(default [user, assistant]: the second speaker, MultiWOZ's SYSTEM, is the one trained).")
+    domains: list[str] | None = Field(
+        None, min_length=1, description="Keep only conversations with one of these domains (multiwoz: "
+        "attraction, hospital, hotel, police, restaurant, taxi, train).")
+    persona: str | Literal[False] = Field(
+        PERSONA, description="personachat: the system message made of the persona sentences, {persona} "
+        "standing for them (one per line); false leaves the persona out.")
+
+    @field_validator("roles")
+    @classmethod
+    def _two_roles(cls, roles: tuple[str, str] | None) -> tuple[str, str] | None:
+        if roles is not None and roles[0] == roles[1]:
+            raise PydanticCustomError("roles", "the two speakers need different roles, e.g. [user, assistant]")
+        return roles
+
+    @field_validator("persona")
+    @classmethod
+    def _persona_slot(cls, persona: str | bool) -> str | bool:
+        if isinstance(persona, str) and "{persona}" not in persona:
+            raise PydanticCustomError("persona", "the wording must contain {persona}, where the sentences go "
+                                                 "(or use false to leave the persona out)")
+        return persona
 
 
 class EvalSplit(_Section):

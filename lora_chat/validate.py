@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -74,6 +75,7 @@ def print_report(v: Validation, console: Console) -> None:
         fmt = f"{s.format} (detected)" if s.detected else s.format
         sources.add_row(s.path, fmt, str(s.rows), str(s.usable))
     console.print(sources)
+    _print_dialogue_counts(v.inputs.data.sources, console)
     if v.inputs.data.eval_overlap_removed:
         console.print(f"{v.inputs.data.eval_overlap_removed} training rows also in the eval sources were removed")
 
@@ -92,6 +94,25 @@ def print_report(v: Validation, console: Console) -> None:
     _print_roles(v.prepared.stats["train"], console)
     for w in v.warnings:
         console.print(f"[yellow]warning:[/] {w}")
+
+
+def _print_dialogue_counts(sources: list, console: Console) -> None:
+    """Conversations per domain (MultiWOZ) and turns per speaker role, over the usable rows of all sources."""
+    for s in sources:
+        if s.left_out:
+            console.print(f"{s.path}: {s.left_out} conversations left out (none of the domains asked for)")
+        if s.folded:
+            console.print(f"{s.path}: {s.folded} per-turn rows folded into their dialogue's last row")
+    for title, key, unit in (("conversations by domain", "domains", "conversations"),
+                             ("turns by speaker", "speakers", "turns")):
+        counts = sum((getattr(s, key) for s in sources), Counter())
+        if counts:
+            table = Table(title=title, title_justify="left")
+            table.add_column(key[:-1])
+            table.add_column(unit, justify="right")
+            for name, n in sorted(counts.items()):
+                table.add_row(name, str(n))
+            console.print(table)
 
 
 def _print_roles(st: SplitStats, console: Console) -> None:

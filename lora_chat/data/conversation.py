@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import Where
 
@@ -20,6 +21,9 @@ class Message:
 class Conversation:
     messages: tuple[Message, ...]
     origin: Where  # file and line the row came from, for every later error
+    # What a dataset says about the row besides the turns: MultiWOZ's `domains` (a tuple, used by
+    # `data.train[].domains`), DailyDialog's per-utterance `act`/`emotion` labels, a dialogue id.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def as_dicts(self) -> list[dict[str, str]]:
         """Messages as chat templates expect them."""

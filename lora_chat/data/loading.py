@@ -7,6 +7,7 @@ weighting, so a repeated (weight > 1) or duplicated row can never sit on both si
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from ..errors import DataError
 from ..files import sha256_file
 from ..recipe import EvalSplit, LoadedRecipe, Source
 from .conversation import Conversation
-from .formats import detect, to_conversation
+from .formats import TWO_SPEAKERS, WITH_DOMAINS, detect, fold_dialogues, to_conversation
 from .sources import read_rows, resolve_path
 
 MAX_PROBLEMS_SHOWN = 20
@@ -29,6 +30,11 @@ class SourceReport:
     rows: int = 0
     usable: int = 0
     sha256: str | None = None  # of the file, for the adapter manifest
+    domains: Counter = field(default_factory=Counter)  # domain -> usable conversations that have it
+    speakers: Counter = field(default_factory=Counter)  # role -> turns, over usable conversations
+    domains_seen: set = field(default_factory=set)  # every domain of every row, kept or not
+    left_out: int = 0  # conversations without one of the source's `domains`
+    folded: int = 0  # per-turn rows folded into their dialogue's last row (PersonaChat)
 
 
 @dataclass
@@ -92,7 +98,24 @@ def _read_source(source: Source, loaded: LoadedRecipe, key: tuple[str, ...],
     if isinstance(location, Path):
         report.sha256 = sha256_file(location)
     conversations = read_conversations(source, root, report, problems)
+    _check_dialogue_options(source, report, loaded, key)
     return conversations, report
+
+
+def _check_dialogue_options(source: Source, report: SourceReport, loaded: LoadedRecipe, key: tuple[str, ...]) -> None:
+    """`roles` and `domains` only mean something for some formats; a domain no row has is a typo."""
+    if source.roles is not None and report.format not in TWO_SPEAKERS:
+        raise DataError(f"roles applies to {', '.join(TWO_SPEAKERS)} rows, not {report.format}",
+                        loaded.where(*key, "roles"))
+    if source.domains is None:
+        return
+    if report.format not in WITH_DOMAINS:
+        raise DataError(f"{report.format} rows carry no domains (only {', '.join(WITH_DOMAINS)} rows do)",
+                        loaded.where(*key, "domains"))
+    unknown = [d for d in source.domains if d.lower() not in report.domains_seen]
+    if unknown:
+        raise DataError(f"no dialogue has the domain {', '.join(map(repr, unknown))} "
+                        f"(found: {', '.join(sorted(report.domains_seen)) or 'none'})", loaded.where(*key, "domains"))
 
 
 def read_conversations(source: Source, root: Path, report: SourceReport,
@@ -103,6 +126,7 @@ def read_conversations(source: Source, root: Path, report: SourceReport,
     """
     conversations = []
     fmt = None if source.format == "auto" else source.format
+    wanted = {d.lower() for d in source.domains} if source.domains else None
     for where, row in read_rows(source, root):
         report.rows += 1
         try:
@@ -110,9 +134,21 @@ def read_conversations(source: Source, root: Path, report: SourceReport,
                 raise row
             if fmt is None:
                 fmt = report.format = detect(row, where)
-            conversations.append(to_conversation(row, fmt, where))
+            conversation = to_conversation(row, fmt, where, source)
         except DataError as err:
             problems.append(err)
+            continue
+        domains = conversation.meta.get("domains", ())
+        report.domains_seen.update(domains)
+        if wanted is not None and wanted.isdisjoint(domains):
+            report.left_out += 1
+            continue
+        conversations.append(conversation)
+    if fmt == "personachat":
+        conversations, report.folded = fold_dialogues(conversations)
+    for conversation in conversations:
+        report.domains.update(conversation.meta.get("domains", ()))
+        report.speakers.update(m.role for m in conversation.messages)
     report.usable = len(conversations)
     return conversations
 

@@ -54,8 +54,11 @@ def read_rows(source: Source, root: Path) -> Iterator[Row]:
     if not location.is_file():
         raise DataError("data file not found", Where(location))
     suffix = location.suffix.lower()
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+    readers = {".jsonl": _read_jsonl, ".csv": _read_csv,
                ".parquet": _read_parquet, ".yml": _read_yaml, ".yaml": _read_yaml}
+    if suffix == ".json":
+        yield from _read_json(location, source.split)
+        return
     if suffix not in readers:
         raise DataError(f"unsupported file type '{suffix}' (use one of {', '.join(SUFFIXES)})", Where(location))
     yield from readers[suffix](location)
@@ -74,38 +77,59 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             yield Where(path, number), row
 
 
-def _read_json(path: Path) -> Iterator[Row]:
-    """A JSON array of rows, or an object holding one (`{"data": [...]}`); lines found from offsets."""
+def _read_json(path: Path, split: str = "train") -> Iterator[Row]:
+    """A JSON array of rows, or an object holding them; each row's line found from offsets.
+
+    Objects: one row (it has a format's keys), or one list of rows (`{"data": [...]}`), or several
+    lists named by split (PersonaChat's `{"train": [...], "valid": [...]}`: the source's `split`
+    picks one), or rows keyed by id (MultiWOZ's data.json: `{"SNG01856.json": {...}}`, the key kept
+    as the row's `dialogue_id`).
+    """
+    from .formats import detect
+
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"invalid JSON: {err.msg} (column {err.colno})", Where(path, err.lineno)) from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if "messages" in data or "conversations" in data or len(lists) != 1:
-            rows = [data]
+    if isinstance(data, list):
+        rows, lines = data, _element_lines(text, text.find("[") + 1, len(data))
+    elif isinstance(data, dict):
+        lists = {k: v for k, v in data.items() if isinstance(v, list)}
+        try:
+            detect(data, Where(path))
+            is_row = True
+        except DataError:
+            is_row = False
+        if not is_row and lists and (len(lists) == 1 or split in lists):
+            key = split if split in lists else next(iter(lists))
+            rows = lists[key]
+            lines = _element_lines(text, _member_offsets(text)[key] + 1, len(rows))
+        elif not is_row and data and all(isinstance(v, dict) for v in data.values()):
+            rows = [{**v, "dialogue_id": v.get("dialogue_id", k)} for k, v in data.items()]
+            offsets = _member_offsets(text)
+            lines = [text.count("\n", 0, offsets[k]) + 1 for k in data]
         else:
-            rows = lists[0]
-    elif isinstance(data, list):
-        rows = data
+            rows, lines = [data], [1]
     else:
         raise DataError("expected a JSON array of rows", Where(path, 1))
-    lines = _element_lines(text, len(rows))
     for row, line in zip(rows, lines):
         yield Where(path, line), row
 
 
-def _element_lines(text: str, count: int) -> list[int | None]:
-    """Line of each top-level array element, found by decoding one element at a time."""
+def _skip(text: str, pos: int, chars: str = " \t\r\n,") -> int:
+    while pos < len(text) and text[pos] in chars:
+        pos += 1
+    return pos
+
+
+def _element_lines(text: str, pos: int, count: int) -> list[int | None]:
+    """Line of each element of the array whose first element starts at or after `pos` (past its '['),
+    found by decoding one element at a time."""
     decoder = json.JSONDecoder()
-    pos = text.find("[") + 1
-    if pos == 0:
-        return [None] * count
-    lines, line, counted = [], 1, 0
+    lines, line, counted = [], text.count("\n", 0, pos) + 1, pos
     for _ in range(count):
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
+        pos = _skip(text, pos)
         line += text.count("\n", counted, pos)
         counted = pos
         lines.append(line)
@@ -114,6 +138,20 @@ def _element_lines(text: str, count: int) -> list[int | None]:
         except json.JSONDecodeError:
             return lines + [None] * (count - len(lines))
     return lines
+
+
+def _member_offsets(text: str) -> dict[str, int]:
+    """Offset of each top-level object member's value, decoding one member at a time."""
+    decoder = json.JSONDecoder()
+    offsets: dict[str, int] = {}
+    pos = _skip(text, text.find("{") + 1)
+    while pos < len(text) and text[pos] == '"':
+        key, pos = decoder.raw_decode(text, pos)
+        pos = _skip(text, pos, " \t\r\n:")
+        offsets[key] = pos
+        _, pos = decoder.raw_decode(text, pos)
+        pos = _skip(text, pos)
+    return offsets
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
