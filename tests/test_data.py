@@ -96,7 +96,8 @@ def test_undetectable_first_row_lists_the_keys_it_has(tmp_path):
     got = load(tmp_path, [{"text": "hi", "label": 1}])
     assert [str(p) for p in got.problems] == [
         f"{tmp_path / 'd.jsonl'}:1: cannot tell the format: no messages, conversations, instruction/output or "
-        f"prompt/completion (keys: label, text)"]
+        f"prompt/completion, nor DailyDialog's dialog, PersonaChat's personality or MultiWOZ's log or turns "
+        f"(keys: label, text)"]
 
 
 def test_missing_data_file_names_the_recipe_line(tmp_path):

@@ -70,9 +70,8 @@ def detect(row: Any, where: Where) -> str:
             return "dailydialog"
         keys = ", ".join(sorted(map(str, row))[:8]) or "none"
         raise DataError(
-            f"cannot tell the format: no messages, conversations, instruction/output, prompt/completion, "
-            f"dialog (DailyDialog), personality (PersonaChat) or goal/log or services/turns (MultiWOZ) "
-            f"(keys: {keys})", where)
+            f"cannot tell the format: no messages, conversations, instruction/output or prompt/completion, "
+            f"nor DailyDialog's dialog, PersonaChat's personality or MultiWOZ's log or turns (keys: {keys})", where)
     raise DataError(f"a row must be a JSON object, got {type(row).__name__}", where)
 
 
