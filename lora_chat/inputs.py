@@ -8,9 +8,10 @@ from typing import Any
 
 from .data import LoadedData, load_data
 from .errors import LorachatError
-from .models import ResolvedBase, load_tokenizer, resolve_base
+from .models import ResolvedBase, load_tokenizer, refuse_encoder_only, resolve_base
 from .recipe import LoadedRecipe, load_recipe
 from .templates import ChatTemplate, load_template
+from .templates.tokens import AddedTokens, add_template_tokens
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Inputs:
     tokenizer: Any
     template: ChatTemplate
     data: LoadedData
+    added_tokens: AddedTokens | None = None  # template markers added to the tokenizer (templates/tokens.py)
 
 
 def load_inputs(recipe_path: str | Path, overrides: list[str] = (), need_weights: bool = False) -> Inputs:
@@ -27,10 +29,16 @@ def load_inputs(recipe_path: str | Path, overrides: list[str] = (), need_weights
     loaded = load_recipe(recipe_path, list(overrides))
     base_cfg = loaded.recipe.base
     try:
-        base = resolve_base(base_cfg.model, base_cfg.revision, need_weights=need_weights)
+        # config.json first: an encoder-only base is refused before its weights are fetched or exported.
+        base = resolve_base(base_cfg.model, base_cfg.revision, need_weights=False)
+        refuse_encoder_only(base)
+        if need_weights:
+            base = resolve_base(base_cfg.model, base_cfg.revision, need_weights=True)
     except LorachatError as err:
         raise type(err)(err.reason, loaded.where("base", "model")) from None
     tokenizer = load_tokenizer(base, trust_remote_code=base_cfg.trust_remote_code)
     template = load_template(loaded, tokenizer)
+    # Before any row is encoded: the markers must be single tokens in everything that follows.
+    added = add_template_tokens(loaded, tokenizer, template, base.path)
     data = load_data(loaded)
-    return Inputs(loaded, base, tokenizer, template, data)
+    return Inputs(loaded, base, tokenizer, template, data, added)

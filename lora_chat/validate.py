@@ -14,6 +14,7 @@ from .encoding import Prepared, SplitStats, prepare
 from .errors import DataError
 from .inputs import Inputs, load_inputs
 from .templates import IGNORE
+from .templates.tokens import missing_markers
 
 
 @dataclass
@@ -37,21 +38,29 @@ def validate(recipe_path: str, overrides: list[str] = ()) -> Validation:
 
 def template_warnings(inputs: Inputs, prepared: Prepared) -> list[str]:
     """What about the template could quietly spoil training, judged on the first sample."""
+    warnings = []
+    if inputs.loaded.recipe.template.add_special_tokens is False:
+        pieces = missing_markers(inputs.template, inputs.tokenizer)
+        if pieces:
+            warnings.append(f"template.add_special_tokens is false: {', '.join(pieces)} are trained as several "
+                            f"text pieces each, not as one token")
     if not prepared.train or inputs.loaded.recipe.data.train_on == "all":
-        return []
+        return warnings
     sample = prepared.train[0]
     trained = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE]
     tok = inputs.tokenizer
     if trained and trained[-1] not in _stop_ids(inputs):
         last = tok.convert_ids_to_tokens(trained[-1])
-        return [f"the last trained token of a reply is {last!r}, not the tokenizer's eos {tok.eos_token!r} "
-                f"or a stop token of the model: generation may not stop where training taught it to"]
-    return []
+        warnings.append(f"the last trained token of a reply is {last!r}, not the tokenizer's eos {tok.eos_token!r} "
+                        f"or a stop token of the model: generation may not stop where training taught it to")
+    return warnings
 
 
 def _stop_ids(inputs: Inputs) -> set[int]:
     """The tokenizer's eos plus the base's generation_config.json eos ids (Llama-3 stops on <|eot_id|>)."""
     ids = {inputs.tokenizer.eos_token_id}
+    if inputs.added_tokens is not None:  # the added end-of-turn token becomes a stop token of the adapter
+        ids.add(inputs.added_tokens.end_of_turn_id)
     config = inputs.base.path / "generation_config.json"
     if config.is_file():
         configured = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
@@ -67,6 +76,8 @@ def print_report(v: Validation, console: Console) -> None:
         console.print(f"[yellow]note:[/] {base.note}")
     console.print(f"template: {v.inputs.template.name}; train_on: {loaded.recipe.data.train_on}; "
                   f"max_length: {loaded.recipe.data.max_length}; too_long: {loaded.recipe.data.too_long}")
+    if v.inputs.added_tokens is not None:
+        console.print(f"tokens: {v.inputs.added_tokens.describe()}")
 
     sources = Table(title="sources", title_justify="left")
     for col in ("path", "format", "rows", "usable"):

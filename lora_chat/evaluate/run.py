@@ -29,6 +29,7 @@ from ..errors import DataError, LorachatError, Where
 from ..models import ResolvedBase, load_model, load_tokenizer, model_facts, resolve_base
 from ..recipe import LoadedRecipe, Source, load_recipe
 from ..templates import ChatTemplate, load_template
+from ..templates.tokens import apply_added_tokens, restore_tokenizer
 from .generate import Decoding, generate_batched
 from .judge import Judge, JudgeResult
 from .loss import sample_losses
@@ -70,10 +71,11 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print) -> dict:
         say(f"note: {base.note}")
     tokenizer = load_tokenizer(base)
     for adapter in adapters:
+        restore_tokenizer(tokenizer, adapter.info.manifest)  # template tokens it added to the base's vocabulary
         adapter.template = _template_of(adapter, tokenizer)
     datasets, encoded = _datasets(adapters, options, say)
 
-    model = _load_with_adapters(base, adapters)
+    model = _load_with_adapters(base, adapters, tokenizer)
     models = [ModelInfo(BASE)] + [
         ModelInfo(a.info.name, str(a.info.path), a.loaded.recipe.output.domain, a.loaded.recipe.output.language)
         for a in adapters]
@@ -264,11 +266,13 @@ def _unique(name: str, used: set[str]) -> str:
 # ---------------------------------------------------------------- 3. one base, many adapters
 
 
-def _load_with_adapters(base: ResolvedBase, adapters: list[_Adapter]) -> Any:
+def _load_with_adapters(base: ResolvedBase, adapters: list[_Adapter], tokenizer: Any) -> Any:
     from peft import PeftModel
 
     first = adapters[0].loaded.recipe.base
     model = load_model(base, dtype=first.dtype, quantization=first.quantization, for_training=False)
+    for adapter in adapters:
+        apply_added_tokens(model, tokenizer, adapter.info.manifest)  # room for its trained token rows
     peft = PeftModel.from_pretrained(model, str(adapters[0].info.path), adapter_name=adapters[0].peft_name)
     for adapter in adapters[1:]:
         peft.load_adapter(str(adapter.info.path), adapter_name=adapter.peft_name)

@@ -30,3 +30,29 @@ def model_facts(resolved: ResolvedBase) -> dict[str, Any]:
         "vocab_size": get("vocab_size"),
         "model_type": config.get("model_type"),
     }
+
+
+# Encoder-only families: they read text (classification, embeddings) but have no next-token head to chat with.
+ENCODER_ONLY = {"albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie",
+                "flaubert", "mpnet", "modernbert", "roberta", "xlm-roberta", "xlm-roberta-xl"}
+_DECODER_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def refuse_encoder_only(resolved: ResolvedBase) -> None:
+    """Refuse (one line, from config.json alone, before any weights load) a base that cannot generate:
+    BERT, RoBERTa and their kin, unless their config makes them a decoder (`is_decoder: true`)."""
+    path = resolved.path / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read {path}: {one_line(err)}", Where(file=path)) from err
+    architectures = config.get("architectures") or []
+    if config.get("is_decoder") or any(a.endswith(_DECODER_HEADS) for a in architectures):
+        return
+    model_type = config.get("model_type")
+    if model_type in ENCODER_ONLY:
+        named = f" ({architectures[0]})" if architectures else ""
+        raise ModelError(
+            f"{resolved.model_id} is an encoder-only model (model_type {model_type}{named}): it reads text but "
+            f"cannot write replies; choose a decoder base such as HuggingFaceTB/SmolLM2-135M-Instruct",
+            Where(field="base.model"))

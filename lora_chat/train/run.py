@@ -28,6 +28,7 @@ from rich.console import Console
 from .. import adapters
 from ..adapters import looks_whole
 from ..errors import LorachatError, RunFailed, Where
+from ..templates import tokens
 from . import checkpoints
 from .callbacks import (Interrupted, JsonlLog, MeterCallback, ProgressBar, Signals, StepMeter, StopOnSignal,
                         truncate_log)
@@ -224,10 +225,12 @@ def _build_model(inputs, meta: bool) -> Any:
                 # runs in eval mode without grad (our eval passes), which breaks training steps after it.
                 if hasattr(module, "support_avx512bf16_for_cpu"):
                     module.support_avx512bf16_for_cpu = False
+    # Template markers the base lacked (templates/tokens.py): resize, and train only their embedding rows.
+    token_rows = tokens.prepare_model(model, inputs.added_tokens)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
         target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
-        use_dora=lora.variant == "dora", use_rslora=lora.variant == "rslora")
+        use_dora=lora.variant == "dora", use_rslora=lora.variant == "rslora", trainable_token_indices=token_rows)
     try:
         return get_peft_model(model, config)
     except ValueError as err:  # e.g. a target module name the model does not have
@@ -352,7 +355,12 @@ def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any], state_
     recipe = inputs.loaded.recipe
     staging = adapters.staging_dir(target)
     try:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, state_dict=state_dict)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        # With added tokens the vocabulary differs from the base's, and PEFT's "auto" would then save the whole
+        # embedding matrices: the trained rows are already in the adapter (trainable_token_indices).
+        model.save_pretrained(staging, state_dict=state_dict,
+                              save_embedding_layers="auto" if inputs.added_tokens is None else False)
+        tokens.save_generation_config(staging, model, inputs.added_tokens)
         if (target / TENSORBOARD).is_dir():  # the run's event files belong with the adapter they describe
             shutil.copytree(target / TENSORBOARD, staging / TENSORBOARD)
         adapters.finish(staging, target, tokenizer=inputs.tokenizer, template_source=inputs.template.source,
@@ -402,4 +410,5 @@ def _manifest(inputs, facts: dict[str, Any]) -> dict[str, Any]:
         "seed": recipe.training.seed, "domain": recipe.output.domain, "language": recipe.output.language,
         "license": _base_license(inputs.base.path),
         "template": inputs.template.name, "versions": adapters.versions(),
+        tokens.MANIFEST_KEY: inputs.added_tokens.to_manifest() if inputs.added_tokens else None,
     }
