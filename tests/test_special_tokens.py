@@ -178,3 +178,24 @@ def test_an_encoder_only_base_is_refused_before_any_weights_load(tmp_path):
     assert result.exit_code == 2
     assert (f"base.model: {bert} is an encoder-only model (model_type bert (BertForMaskedLM)): it reads text but "
             f"cannot write replies") in result.output
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_only_the_new_rows_are_trained_whether_the_output_layer_is_tied_or_not(gpt2_base, tied):
+    """Tied (GPT-2, SmolLM2): the output layer follows the input rows. Untied (Llama-3-8B): its own rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_chat.templates.tokens import AddedTokens, prepare_model
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_base, tie_word_embeddings=tied)
+    added = AddedTokens(tuple(CHATML_MARKERS), (350, 351), "<|im_end|>", vocab_size=352, base_vocab_size=350,
+                        hidden_size=32, tied=tied)
+    rows = prepare_model(model, added)
+    assert model.get_input_embeddings().num_embeddings == 352 and model.get_output_embeddings().out_features == 352
+    assert 351 in model.generation_config.eos_token_id
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], trainable_token_indices=rows))
+    token_params = {name: p.numel() for name, p in peft.named_parameters()
+                    if p.requires_grad and "trainable_tokens" in name}
+    assert sum(token_params.values()) == added.trainable_params == (64 if tied else 128)
+    assert any("lm_head" in name for name in token_params) is not tied
