@@ -114,12 +114,12 @@ def _print_dialogue_counts(sources: list, console: Console) -> None:
             console.print(f"{s.path}: {s.left_out} conversations left out (none of the domains asked for)")
         if s.folded:
             console.print(f"{s.path}: {s.folded} per-turn rows folded into their dialogue's last row")
-    for title, key, unit in (("conversations by domain", "domains", "conversations"),
-                             ("turns by speaker", "speakers", "turns")):
+    for title, key, column, unit in (("conversations by domain", "domains", "domain", "conversations"),
+                                     ("turns by speaker", "speakers", "role", "turns")):
         counts = sum((getattr(s, key) for s in sources), Counter())
         if counts:
             table = Table(title=title, title_justify="left")
-            table.add_column(key[:-1])
+            table.add_column(column)
             table.add_column(unit, justify="right")
             for name, n in sorted(counts.items()):
                 table.add_row(name, str(n))
