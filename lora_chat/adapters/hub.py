@@ -16,6 +16,7 @@ are simply skipped. A lorachat adapter must then match its manifest file by file
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +49,12 @@ def _api(endpoint: str | None) -> Any:
     if constants.HF_HUB_OFFLINE:
         raise LorachatError("the hub is switched off here (HF_HUB_OFFLINE=1): unset it to push or pull",
                             Where(field="HF_HUB_OFFLINE"))
-    return HfApi(endpoint=endpoint)
+    return HfApi(endpoint=_endpoint(endpoint))
+
+
+def _endpoint(endpoint: str | None) -> str | None:
+    """`HF_ENDPOINT` (a mirror, a private hub) read now, not when huggingface_hub was imported."""
+    return endpoint or os.environ.get("HF_ENDPOINT") or None
 
 
 def _hub_error(err: Exception, repo: str) -> LorachatError:
@@ -179,7 +185,7 @@ def pull(spec: str, to: str | Path, *, overwrite: bool = False, allow_pickle: bo
         for name in wanted:
             say(f"downloading {name}")
             try:  # the commit sha, not the branch: every file comes from the same snapshot
-                hf_hub_download(repo, name, revision=info.sha, local_dir=staging, endpoint=endpoint,
+                hf_hub_download(repo, name, revision=info.sha, local_dir=staging, endpoint=api.endpoint,
                                 etag_timeout=timeout)
             except _hub_failures() as err:
                 raise _hub_error(err, repo) from None
