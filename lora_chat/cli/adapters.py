@@ -65,17 +65,23 @@ def list_(folder: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([s.to_json() for s in summaries], indent=2))
         return
-    table = Table("name", "base", "domain", "lang", "variant", "size", "trained", "eval loss (vs base)",
-                  title=f"{len(summaries)} adapter(s) in {folder}")
+    table = Table(title=f"{len(summaries)} adapter(s) in {folder}")
+    table.add_column("name", no_wrap=True)
+    for header in ("base", "domain", "lang"):
+        table.add_column(header)
+    for header in ("variant", "size", "trained"):
+        table.add_column(header, no_wrap=True)
+    table.add_column("eval loss")
     for s in summaries:
         loss = "" if s.eval_loss is None else f"{s.eval_loss:.3f}"
         if s.base_eval_loss is not None:
             loss += f" (base {s.base_eval_loss:.3f})"
         elif s.vs_base:
             loss += f" (w/t/l {s.vs_base})"
-        table.add_row(s.name + ("" if s.has_manifest else " [yellow](no manifest)[/]"), s.base or "?",
+        base = f"…/{Path(s.base).name}" if s.base and Path(s.base).is_absolute() else s.base  # a local folder
+        table.add_row(s.name + ("" if s.has_manifest else " [yellow](no manifest)[/]"), base or "?",
                       s.domain or "", s.language or "", f"{s.variant} r{s.rank}", _human(s.size_bytes),
-                      (s.trained or "")[:16].replace("T", " "), loss)
+                      (s.trained or "")[:10], loss)
     console.print(table)
 
 
