@@ -125,7 +125,7 @@ class FakeHub:
                     payload = json.loads(body)
                     repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}" \
                         if "/" not in payload["name"] else payload["name"]
-                    hub.repos.setdefault(repo_id, Repo(private=bool(payload.get("private"))))
+                    hub.repos.setdefault(repo_id, Repo(private=payload.get("visibility") == "private"))
                     self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
                 elif path == "/api/validate-yaml":
                     self._validate_yaml(json.loads(body)["content"])

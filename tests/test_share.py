@@ -19,24 +19,15 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import sample_rows, write_jsonl
+from adapter_factory import finetune_adapter
 from lora_chat.adapters.inspect import runtimes
 from lora_chat.cli import main
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_base) -> Path:
-    """A real adapter from `lorachat finetune` (1 step on the tiny base), with a domain and a language."""
-    root = tmp_path_factory.mktemp("trained")
-    write_jsonl(root / "train.jsonl", sample_rows())
-    recipe = {"name": "faq-en", "base": {"model": str(tiny_base), "dtype": "float32"},
-              "data": {"train": [{"path": "train.jsonl"}], "max_length": 128},
-              "training": {"max_steps": 1, "batch_size": 2, "grad_accum": 1},
-              "output": {"dir": str(root / "adapters" / "faq-en"), "domain": "construction", "language": "en"}}
-    (root / "faq-en.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    result = CliRunner().invoke(main, ["finetune", str(root / "faq-en.yaml")])
-    assert result.exit_code == 0, result.output
-    return root / "adapters" / "faq-en"
+    """A real adapter from `lorachat finetune`, trained once for this module; tests copy it before changing it."""
+    return finetune_adapter(tmp_path_factory.mktemp("trained"), tiny_base)
 
 
 @pytest.fixture
