@@ -79,7 +79,8 @@ class FakeHub:
                     self.wfile.write(body)
 
             def _json(self, status: int, payload, headers: dict[str, str] | None = None) -> None:
-                self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
+                self._send(status, json.dumps(payload).encode(),
+                           {"Content-Type": "application/json", **(headers or {})})
 
             def _failed(self) -> bool:
                 hub.requests.append((self.command, self.path, dict(self.headers)))
@@ -158,7 +159,8 @@ class FakeHub:
                     for entry in meta.get("model-index", []):
                         for result in entry.get("results", []):
                             errors += [{"message": '"model-index[].results[].metrics[].value" must be a number'}
-                                       for m in result.get("metrics", []) if not isinstance(m.get("value"), (int, float))]
+                                       for m in result.get("metrics", [])
+                                       if not isinstance(m.get("value"), (int, float))]
                 self._json(400 if errors else 200, {"errors": errors, "warnings": []})
 
             def _commit(self, path: str, body: bytes) -> None:

@@ -7,7 +7,6 @@ Hostile archives are built here byte by byte with tarfile, as an attacker would.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -16,7 +15,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from adapter_factory import finetune_adapter

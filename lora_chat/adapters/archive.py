@@ -68,8 +68,12 @@ class _HashingReader(io.RawIOBase):
         return data
 
 
-def pack(adapter: str | Path, out: str | Path, *, level: int = 6) -> Path:
-    """Write `adapter` (a folder with a manifest) to `out` as a deterministic .tar.gz; refuse one that is not whole."""
+def pack(adapter: str | Path, out: str | Path, *, level: int = 1) -> Path:
+    """Write `adapter` (a folder with a manifest) to `out` as a deterministic .tar.gz; refuse one that is not whole.
+
+    gzip level 1: trained weights are close to random bytes, so higher levels cost several times the time for
+    well under 1% of size (measured in bench/bench_share.py).
+    """
     info = read_adapter(adapter)
     out = Path(out)
     recorded = info.manifest.get("files", {})
