@@ -78,6 +78,12 @@ def test_push_sends_a_hub_card_with_adapter_metadata(hub, trained):
     assert hub.repos["user/faq-en"].private
 
 
+def test_push_to_a_branch_creates_it_and_commits_there(hub, trained):
+    assert run("push", str(trained), "--repo", "user/faq-en", "--revision", "v1").exit_code == 0
+    posts = [path for method, path, _ in hub.requests if method == "POST"]
+    assert "/api/models/user/faq-en/branch/v1" in posts and "/api/models/user/faq-en/commit/v1" in posts
+
+
 def test_the_token_is_sent_to_the_hub_but_never_printed_or_written(hub, trained, tmp_path):
     pushed = run("push", str(trained), "--repo", "user/faq-en")
     pulled = run("pull", "user/faq-en", "--to", str(tmp_path / "b"))

@@ -72,9 +72,9 @@ def check_compatible(info: AdapterInfo | str | Path, base_facts: dict[str, Any],
     problems = _fact_differences(info, base_facts) if info is not None else []
     if base is not None:
         problems += _shape_problems(folder, config, Path(base.path))
-    elif info is None:
-        raise LorachatError(f"no manifest.json: a plain PEFT adapter is checked on its tensor shapes, which "
-                            f"needs the base's config.json", Where(folder))
+    elif info is None or not any(info.manifest.get("base", {}).get(key) for key in COMPAT_KEYS):
+        raise LorachatError("no recorded architecture (a plain PEFT adapter): it is checked on its tensor shapes, "
+                            "which needs the base's config.json", Where(folder))
     if problems:
         raise LorachatError(f"does not fit this base: {_first(problems)}", Where(folder))
 
