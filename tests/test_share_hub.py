@@ -106,6 +106,16 @@ def test_pull_refuses_a_repo_whose_weights_are_a_pickle(hub, trained, tmp_path):
     assert not any("adapter_model.bin" in path for method, path, _ in hub.requests if method == "GET")
 
 
+def test_pull_with_allow_pickle_downloads_the_pickle_and_says_so(hub, trained, tmp_path):
+    files = files_of(trained)
+    del files["adapter_model.safetensors"], files["manifest.json"]
+    hub.add_repo("someone/pickled", {**files, "adapter_model.bin": b"\x80\x04\x95 pickle that runs code"})
+    result = run("pull", "someone/pickled", "--to", str(tmp_path / "dest"), "--allow-pickle")
+    assert result.exit_code == 0, result.output
+    assert "downloaded pickle files because of --allow-pickle: adapter_model.bin" in result.stderr
+    assert (tmp_path / "dest" / "pickled" / "adapter_model.bin").is_file()
+
+
 def test_pull_skips_pickles_that_sit_beside_safetensors_weights(hub, trained, tmp_path):
     files = files_of(trained)
     del files["manifest.json"]

@@ -201,10 +201,15 @@ def pull(spec: str, to: str | Path, *, overwrite: bool = False, allow_pickle: bo
 
 
 def _adopt_foreign(folder: Path, repo: str, sha: str) -> str:
-    """A manifest for an adapter from another tool, from what it has: its files' hashes, its config's base."""
-    if not (folder / PEFT_WEIGHTS).is_file():
+    """A manifest for an adapter from another tool, from what it has: its files' hashes, its config's base.
+
+    Weights in pickle form only (downloaded because of --allow-pickle) are kept as asked; the compatibility check
+    of every loading command still wants safetensors and says so.
+    """
+    if (folder / PEFT_WEIGHTS).is_file():
+        safetensors_shapes(folder / PEFT_WEIGHTS)  # a readable header, or a one-line refusal now
+    elif not any(is_pickle(p.name) for p in folder.iterdir()):
         raise LorachatError(f"no {PEFT_WEIGHTS}: nothing lorachat can load", Where(field=repo))
-    safetensors_shapes(folder / PEFT_WEIGHTS)  # a readable header, or a one-line refusal now
     config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
     manifest = {"format": FORMAT, "name": repo.split("/")[1],
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
