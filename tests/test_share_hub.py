@@ -187,10 +187,11 @@ def test_pull_failing_halfway_through_the_downloads_installs_nothing(hub, traine
 @pytest.mark.parametrize("status, message", [
     (401, "the hub refused the token (401)"),
     (500, "the hub answered 500"),
+    ("stall", "the hub did not answer in time (timeout)"),
 ])
 def test_push_turns_a_hub_failure_into_one_line(hub, trained, status, message):
     hub.fail = (status, "/api/repos/create")
-    result = run("push", str(trained), "--repo", "user/faq-en")
+    result = run("push", str(trained), "--repo", "user/faq-en", "--timeout", "0.5")
     assert result.exit_code == 2
     assert message in one_error_line(result) and TOKEN not in result.output
     assert "user/faq-en" not in hub.repos

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -50,6 +51,28 @@ def _api(endpoint: str | None) -> Any:
         raise LorachatError("the hub is switched off here (HF_HUB_OFFLINE=1): unset it to push or pull",
                             Where(field="HF_HUB_OFFLINE"))
     return HfApi(endpoint=_endpoint(endpoint))
+
+
+@contextmanager
+def _timeout(seconds: float) -> Iterator[None]:
+    """Bound every request huggingface_hub makes (its shared client waits forever by default), then restore it.
+
+    httpx timeouts are per connect/read/write, not per transfer, so large uploads are not cut short.
+    """
+    import httpx2
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    def bounded() -> httpx2.Client:
+        client = default_client_factory()
+        client.timeout = httpx2.Timeout(seconds)
+        return client
+
+    set_client_factory(bounded)
+    try:
+        yield
+    finally:
+        set_client_factory(default_client_factory)
 
 
 def _endpoint(endpoint: str | None) -> str | None:
@@ -93,7 +116,8 @@ def _hub_failures() -> tuple[type[Exception], ...]:
 
 
 def push(adapter: str | Path, repo: str, *, private: bool = False, revision: str | None = None,
-         endpoint: str | None = None, say: Callable[[str], None] = lambda line: None) -> str:
+         endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+         say: Callable[[str], None] = lambda line: None) -> str:
     """Upload a whole adapter to `repo` (created if needed); return the commit URL."""
     from huggingface_hub import get_token
 
@@ -107,13 +131,14 @@ def push(adapter: str | Path, repo: str, *, private: bool = False, revision: str
         raise LorachatError("no Hugging Face token: run `hf auth login` or set HF_TOKEN", Where(field=repo))
     files = [MANIFEST, *info.manifest.get("files", {})]
     try:
-        say(f"creating {repo} (private)" if private else f"creating {repo}")
-        api.create_repo(repo, private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo, branch=revision, exist_ok=True)
-        say(f"uploading {len(files)} files from {info.path}")
-        commit = api.upload_folder(repo_id=repo, folder_path=info.path, revision=revision,
-                                   allow_patterns=files, commit_message=f"lorachat: {info.name}")
+        with _timeout(timeout):
+            say(f"creating {repo} (private)" if private else f"creating {repo}")
+            api.create_repo(repo, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo, branch=revision, exist_ok=True)
+            say(f"uploading {len(files)} files from {info.path}")
+            commit = api.upload_folder(repo_id=repo, folder_path=info.path, revision=revision,
+                                       allow_patterns=files, commit_message=f"lorachat: {info.name}")
     except _hub_failures() as err:
         raise _hub_error(err, repo) from None
     except ValueError as err:  # huggingface_hub's word for a card the hub's metadata check refused
@@ -164,14 +189,21 @@ def pull(spec: str, to: str | Path, *, overwrite: bool = False, allow_pickle: bo
          endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT,
          say: Callable[[str], None] = lambda line: None) -> Pulled:
     """Download `USER/NAME[@REVISION]` into `to/NAME`, checked, atomically; nothing installed on any failure."""
-    from huggingface_hub import hf_hub_download
-
     repo, revision = parse_repo(spec)
     to = Path(to)
     target = to / repo.split("/")[1]
     if target.exists() and not overwrite:
         raise LorachatError(f"{target} exists: kept as it is (pass --overwrite to replace it)", Where(field=repo))
     api = _api(endpoint)
+    with _timeout(timeout):
+        return _pull(api, repo, revision, target, allow_pickle=allow_pickle, timeout=timeout, say=say)
+
+
+def _pull(api: Any, repo: str, revision: str | None, target: Path, *, allow_pickle: bool, timeout: float,
+          say: Callable[[str], None]) -> Pulled:
+    """List, choose, download into a staging folder beside `target`, check, rename into place."""
+    from huggingface_hub import hf_hub_download
+
     try:
         info = api.model_info(repo, revision=revision, timeout=timeout)
     except _hub_failures() as err:
@@ -179,7 +211,6 @@ def pull(spec: str, to: str | Path, *, overwrite: bool = False, allow_pickle: bo
     wanted, notes = _wanted([s.rfilename for s in info.siblings or []], allow_pickle, repo)
     if PEFT_CONFIG not in wanted:
         raise LorachatError(f"not a PEFT adapter: the repo has no {PEFT_CONFIG}", Where(field=repo))
-    to.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(target)
     try:
         for name in wanted:

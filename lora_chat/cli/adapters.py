@@ -42,6 +42,10 @@ def _human(n: int) -> str:
     return f"{n:.1f} GB"
 
 
+timeout_option = click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+                              help="Seconds to wait for the hub on each request (connect, read, write).")
+
+
 def _say(line: str) -> None:
     err_console.out(line)
 
@@ -186,12 +190,13 @@ def unpack(archive: str, to: str, overwrite: bool, max_size: int) -> None:
 @click.option("--repo", required=True, help="USER/NAME on the Hugging Face hub (created if missing).")
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--revision", help="Branch to push to (created if missing). Default: main.")
+@timeout_option
 @report_errors
-def push(adapter: str, repo: str, private: bool, revision: str | None) -> None:
+def push(adapter: str, repo: str, private: bool, revision: str | None, timeout: float) -> None:
     """Upload a whole ADAPTER with its hub model card; the token comes from HF_TOKEN or `hf auth login`."""
     from ..adapters.hub import push as run_push
 
-    url = run_push(_adapter_path(adapter), repo, private=private, revision=revision, say=_say)
+    url = run_push(_adapter_path(adapter), repo, private=private, revision=revision, timeout=timeout, say=_say)
     console.print(f"pushed: {url}")
 
 
@@ -201,8 +206,7 @@ def push(adapter: str, repo: str, private: bool, revision: str | None) -> None:
               help="Folder to install the adapter under (as NAME).")
 @click.option("--overwrite", is_flag=True, help="Replace an adapter of the same name (kept otherwise).")
 @click.option("--allow-pickle", is_flag=True, help="Also download .bin/.pt/.pkl weights (they can run code).")
-@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
-              help="Seconds to wait for the hub on each request.")
+@timeout_option
 @report_errors
 def pull(repo: str, to: str, overwrite: bool, allow_pickle: bool, timeout: float) -> None:
     """Download USER/NAME[@REVISION]: safetensors and text only, verified, installed atomically."""
