@@ -17,13 +17,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from .. import __version__
 from ..errors import LorachatError
 
-console = Console()
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+UNBOUNDED_WIDTH = 1000  # columns when printing into a file or pipe: nothing there wraps lines for us
+
+
+class _Console(Console):
+    """A rich console that, when its stream is not a terminal (a log file, `| tee`, CI), prints tables and lines
+    whole instead of cutting them at rich's default 80 columns (`drop…`, `[3.2…`)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(UNBOUNDED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+console = _Console()
+err_console = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def report_errors(command: Callable) -> Callable:
