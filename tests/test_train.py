@@ -135,9 +135,9 @@ def test_packed_per_sample_loss_equals_unpacked(tiny_base):
             logits.flatten(0, 1), batch["shift_labels"].flatten(), reduction="none").view(batch["input_ids"].shape)
         result = []
         for b, row in enumerate(rows):  # split each row back into its samples by the position-id restarts
-            starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row)]
+            starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
             result += [float(token_loss[b, s:e].sum()) for s, e in zip(starts, starts[1:])
-                       if any(t != IGNORE for t in row.targets[s:e])]
+                       if any(t != IGNORE for t in row["targets"][s:e])]
         return sorted(result)
 
     packed = to_rows(samples, packing=True, max_length=64)

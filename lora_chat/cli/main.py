@@ -54,8 +54,11 @@ def report_errors(command: Callable) -> Callable:
         except LorachatError as err:
             if debug:
                 raise
-            for line in str(err).splitlines():
-                err_console.out(f"error: {line}")
+            # In a multi-process run every process meets the same bad input or stop (a NaN is shared across
+            # ranks): the first process says it once.
+            if int(os.environ.get("RANK", "0")) == 0:
+                for line in str(err).splitlines():
+                    err_console.out(f"error: {line}")
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
             if debug:
