@@ -51,6 +51,7 @@ class Progress:
         self.fields: dict[str, str] = {}
         self.started = time.monotonic()
         self._last_line = self.started
+        self._printed: tuple | None = None  # (completed, fields) of the last plain line
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._bar: RichProgress | None = None
@@ -85,7 +86,8 @@ class Progress:
             return
         self._timer.join()
         with self._lock:
-            self._print_line()
+            if self._printed != self._state():  # the final state, unless its line was just printed
+                self._print_line()
 
     def line(self) -> str:
         """The plain progress line for the current state."""
@@ -103,10 +105,13 @@ class Progress:
     def _fields_text(self, sep: str) -> str:
         return sep.join(f"{name} {value}" for name, value in self.fields.items())
 
+    def _state(self) -> tuple:
+        return self.completed, tuple(self.fields.items())
+
     def _print_line(self) -> None:
         self.console.out(self.line(), highlight=False)
         self.console.file.flush()
-        self._last_line = time.monotonic()
+        self._last_line, self._printed = time.monotonic(), self._state()
 
     def _tick(self) -> None:
         while not self._closed.wait(timeout=max(self._last_line + self.every - time.monotonic(), 0.01)):

@@ -132,11 +132,12 @@ class ShowProgress(TrainerCallback):
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         if self.progress is None:
             return
-        fields = {"epoch": f"{state.epoch or 0.0:.2f}", "lr": f"{current_lr(lr_scheduler) or 0.0:.2e}"}
-        logged = is_log_step(state, self.log_every)
-        if logged:
-            fields |= {"loss": f"{self.meter.loss:.4f}", "tok/s": f"{self.meter.tokens_per_s:,.0f}"}
-        self.progress.update(state.global_step, fields, line=logged)
+        # loss and tok/s are those of the last log window (all processes), as in train_log.jsonl
+        seen = math.isfinite(self.meter.tokens_per_s)
+        fields = {"epoch": f"{state.epoch or 0.0:.2f}", "loss": f"{self.meter.loss:.4f}" if seen else "-",
+                  "lr": f"{current_lr(lr_scheduler) or 0.0:.2e}",
+                  "tok/s": f"{self.meter.tokens_per_s:,.0f}" if seen else "-"}
+        self.progress.update(state.global_step, fields, line=is_log_step(state, self.log_every))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()

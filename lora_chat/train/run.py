@@ -323,11 +323,7 @@ def build_model(inputs, meta: bool) -> Any:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=training.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-            for module in model.modules():
-                # bitsandbytes repacks 4-bit weights in place for its CPU inference kernel the first time a layer
-                # runs in eval mode without grad (our eval passes), which breaks training steps after it.
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
+            _keep_4bit_weights_unpacked(model)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
         target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
@@ -336,6 +332,24 @@ def build_model(inputs, meta: bool) -> Any:
         return get_peft_model(model, config)
     except ValueError as err:  # e.g. a target module name the model does not have
         raise LorachatError(str(err).splitlines()[0], inputs.loaded.where("lora", "target_modules")) from None
+
+
+# bitsandbytes (checked: 0.50.2, the pinned version) repacks a Linear4bit's weight in place into its AVX512
+# CPU-inference layout the first time the layer runs in eval mode without grad (our eval passes), and the training
+# steps after it read the repacked buffer as if it were the plain one. Upstream tracks the same one-way CPU packing
+# for `.to()` in bitsandbytes-foundation/bitsandbytes#2078; re-check both when the pin moves.
+BNB_CPU_REPACK_CHECKED = "0.50.2"
+
+
+def _keep_4bit_weights_unpacked(model) -> None:
+    import bitsandbytes
+    from packaging.version import Version
+
+    if Version(bitsandbytes.__version__) > Version(BNB_CPU_REPACK_CHECKED):
+        return
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _steps(recipe, rows: int, processes: int) -> tuple[int, float]:
