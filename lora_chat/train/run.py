@@ -71,8 +71,9 @@ def finetune(loaded: LoadedRecipe, options: Options = Options(), console: Consol
     console = console or Console()
     check_optimizer(loaded)
     if options.processes > 1 and not distributed.in_worker() and not options.dry_run:
-        # Refuse a clobber here, once, before N processes load the model; the workers repeat it harmlessly.
-        preflight(loaded, output_dir(loaded), options)
+        # Refuse a clobber here, once, before N processes load the model; rank 0 sets an old adapter aside
+        # only once its inputs have loaded, like a single process would.
+        preflight(loaded, output_dir(loaded), options, set_aside=False)
         distributed.launch(options.processes, worker_args(loaded, options))
         return output_dir(loaded)
     return FinetuneRun(loaded, options, console).run()
@@ -266,11 +267,11 @@ def output_dir(loaded: LoadedRecipe) -> Path:
     return Path(recipe.output.dir) if recipe.output.dir else Path("adapters") / recipe.name
 
 
-def preflight(loaded: LoadedRecipe, target: Path, options: Options) -> Path | None:
+def preflight(loaded: LoadedRecipe, target: Path, options: Options, set_aside: bool = True) -> Path | None:
     """Refuse to clobber an adapter or mix runs; return the checkpoint to resume from.
 
-    With --overwrite the old adapter is set aside, by the main process only. Idempotent: the launcher of
-    `--processes N` runs it, then every worker again (a worker started by torchrun has no launcher).
+    With --overwrite (and `set_aside`) the old adapter is set aside, by the main process only. Every worker runs
+    it (a worker started by torchrun has no launcher); the `--processes N` launcher runs it first to refuse early.
     """
     checkpoint_root = target / checkpoints.CHECKPOINTS
     where = loaded.where("output", "dir")
@@ -284,7 +285,7 @@ def preflight(loaded: LoadedRecipe, target: Path, options: Options) -> Path | No
     if checkpoints.complete(checkpoint_root) and not options.overwrite:
         raise LorachatError(f"{target} holds checkpoints of an unfinished run; use --resume to continue it "
                             f"or --overwrite to start over", where)
-    if options.overwrite and target.exists() and not options.dry_run and distributed.rank() == 0:
+    if options.overwrite and set_aside and target.exists() and not options.dry_run and distributed.rank() == 0:
         # Set aside, not deleted: the old adapter stays on disk (as .NAME.previous) until the new one is
         # published, so a run that fails or is killed has not cost the user what they had.
         previous = adapters.previous_of(target)
@@ -329,9 +330,15 @@ def build_model(inputs, meta: bool) -> Any:
         target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
         use_dora=lora.variant == "dora", use_rslora=lora.variant == "rslora")
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as err:  # e.g. a target module name the model does not have
         raise LorachatError(str(err).splitlines()[0], inputs.loaded.where("lora", "target_modules")) from None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model.get_output_embeddings(), BaseTunerLayer):  # SFTTrainer refuses it, deep in its __init__
+        raise LorachatError("LoRA on the LM head is not supported by TRL's SFTTrainer; train it whole with "
+                            "lora.modules_to_save: [lm_head] instead", inputs.loaded.where("lora", "target_modules"))
+    return model
 
 
 # bitsandbytes (checked: 0.50.2, the pinned version) repacks a Linear4bit's weight in place into its AVX512

@@ -1,9 +1,16 @@
 """TRL's `SFTTrainer` with lorachat's rows, loss, token-weighted eval, NaN stop and atomic checkpoints.
 
-SFTTrainer is fed rows lorachat already encoded, masked, packed and collates itself, so three of its defaults
-that cost time are off (see `sft_config`): its dataset preparation (tokenising, truncating, packing again),
-its fused-LM-head loss with per-step entropy and token-accuracy metrics (lorachat's loss runs the head only at
-trained positions), and its padding-free collator.
+SFTTrainer is fed rows lorachat already encoded, masked and packed, with lorachat's collator, so what its defaults
+would spend time on is off:
+  - its dataset preparation (tokenising, truncating, packing: done already), by `sft_config`'s
+    `skip_prepare_dataset`; it bought a one-call pipeline from raw text to tokens;
+  - its loss, a fused LM head that also computes per-token entropy and top-1 accuracy and gathers both across
+    processes at every micro-batch for the `entropy`/`mean_token_accuracy` metrics. TRL 1.16 has no switch for
+    those metrics (SFTTrainer.compute_loss always computes them), so `compute_loss` is lorachat's own: the LM
+    head at trained positions only (loss.py). They bought a view of the model's confidence while training;
+    eval loss and `lorachat eval` give that at far lower cost;
+  - bf16 autocast (SFTConfig's default), which bought mixed precision over fp32 weights; the base already runs
+    in its own dtype.
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ def sft_config(**training_args: Any) -> SFTConfig:
 
 
 class LorachatTrainer(SFTTrainer):
+    # compute_loss divides by the step's trained-token count itself (num_items_in_batch), so the Trainer must not
+    # divide again by gradient_accumulation_steps.
+    loss_is_scaled_for_ga = True
+
     def __init__(self, *args, meter: StepMeter, checkpoint_root: Path, keep_checkpoints: int, **kwargs):
         model = kwargs["model"]
         adapter_dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
@@ -57,9 +68,6 @@ class LorachatTrainer(SFTTrainer):
         self.keep_checkpoints = keep_checkpoints
         self._staging: Path | None = None
         self.selector = TrainedPositions(self.model.get_output_embeddings())
-        # compute_loss divides by the batch's trained-token count itself (num_items_in_batch), so the
-        # Trainer must not divide again by gradient_accumulation_steps.
-        self.loss_is_scaled_for_ga = True
 
     def create_model_card(self, *args, **kwargs) -> None:
         """SFTTrainer writes a README.md into the checkpoint folder at every save; the adapter gets lorachat's own
