@@ -106,7 +106,7 @@ def measure(kind: str, steps: int) -> dict:
 
 
 def results(quick: bool) -> list[dict]:
-    steps = 3 if quick else 8
+    steps = 2 if quick else 8
     runs = {kind: measure(kind, steps) for kind in KINDS}
     trl = runs["trl"]
     found = []
@@ -124,7 +124,7 @@ def results(quick: bool) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 optimizer steps per configuration instead of 8.")
+    parser.add_argument("--quick", action="store_true", help="2 optimizer steps per configuration instead of 8.")
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
