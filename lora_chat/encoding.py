@@ -1,7 +1,8 @@
 """Conversations -> token ids and labels, with `too_long` applied and every dropped row counted.
 
-This is the step `validate`, `preview`, `finetune` and `eval` share, so what `preview` shows is
-exactly what the trainer sees.
+This is the one place conversations become token ids and labels: `validate`, `preview`, `finetune` and `eval`
+all call it (it drives `templates.ChatTemplate`'s render/tokenize/mask primitives), so what `preview` shows is
+exactly what the trainer sees. `train/collate.py` only lays the encoded samples out in rows and tensors.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from ..errors import LorachatError, Where
-from ..files import current_umask, fsync_dir, fsync_tree, sha256_file, write_text_atomic
+from ..files import fsync_dir, fsync_tree, modes_from_umask, sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -102,9 +102,7 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
 def staging_dir(target: Path) -> Path:
     """A fresh temp folder beside `target` (same filesystem, so the final rename is atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    path.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the published adapter private
-    return path
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))  # 0700 until `finish`
 
 
 def versions() -> dict[str, str]:
@@ -142,6 +140,7 @@ def install(staging: Path, target: Path) -> None:
 
     Readers see the old folder or the new one, never a mix; the old one is deleted only after the rename.
     """
+    modes_from_umask(staging)  # PEFT's safetensors file and mkdtemp's folder come out private; the rest 0644
     fsync_tree(staging)
     old = None
     if target.exists():
