@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -12,6 +11,7 @@ from .data.loading import first_problems
 from .encoding import Prepared, SplitStats, prepare
 from .errors import DataError
 from .inputs import Inputs, load_inputs
+from .models import stop_ids
 from .templates import IGNORE
 
 
@@ -35,27 +35,26 @@ def validate(recipe_path: str, overrides: list[str] = ()) -> Validation:
 
 
 def template_warnings(inputs: Inputs, prepared: Prepared) -> list[str]:
-    """What about the template could quietly spoil training, judged on the first sample."""
+    """What about the template could quietly change what is trained, judged on the kept training samples."""
     if not prepared.train or inputs.loaded.recipe.data.train_on == "all":
         return []
+    notes = []
+    rewritten = [s.rewritten for s in prepared.train if s.rewritten]
+    if rewritten:
+        notes.append(
+            f"chat template '{inputs.template.name}' rewrites earlier assistant turns inside the conversation "
+            f"({sum(rewritten)} turns in {len(rewritten)} samples; Qwen3-style templates drop the reasoning of "
+            f"earlier replies): each is trained as the conversation renders it, the text the model reads as "
+            f"history at inference, so what the template drops is not trained; to train it, give each reply its "
+            f"own sample (the conversation up to that reply)")
     sample = prepared.train[0]
     trained = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE]
     tok = inputs.tokenizer
-    if trained and trained[-1] not in _stop_ids(inputs):
+    if trained and trained[-1] not in stop_ids(tok, inputs.base):
         last = tok.convert_ids_to_tokens(trained[-1])
-        return [f"the last trained token of a reply is {last!r}, not the tokenizer's eos {tok.eos_token!r} "
-                f"or a stop token of the model: generation may not stop where training taught it to"]
-    return []
-
-
-def _stop_ids(inputs: Inputs) -> set[int]:
-    """The tokenizer's eos plus the base's generation_config.json eos ids (Llama-3 stops on <|eot_id|>)."""
-    ids = {inputs.tokenizer.eos_token_id}
-    config = inputs.base.path / "generation_config.json"
-    if config.is_file():
-        configured = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
-        ids.update(configured if isinstance(configured, list) else [configured])
-    return ids
+        notes.append(f"the last trained token of a reply is {last!r}, not the tokenizer's eos {tok.eos_token!r} "
+                     f"or a stop token of the model: generation may not stop where training taught it to")
+    return notes
 
 
 def print_report(v: Validation, console: Console) -> None:
