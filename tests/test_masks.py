@@ -79,6 +79,10 @@ def test_each_reply_and_its_end_of_turn_are_trained_and_nothing_else(tokenizer, 
             # Phi-3 closes the whole conversation with eos after the last '<|end|>': both are trained.
             assert after.strip() in (end_of_turn, f"{end_of_turn}\n{tokenizer.eos_token}"), (run, after)
             assert after.strip() == end_of_turn or reply == replies[-1]
+            if end_of_turn:  # the layout after a marker is not something the model must emit
+                assert after == after.rstrip(), f"layout whitespace trained after the marker: {after!r}"
+            else:  # whitespace is the only end of turn (Falcon): it is the stop signal, so it is trained
+                assert after.endswith(eot(name)), f"the only end of turn was not trained: {after!r}"
         for other in ("Question one?", "Question two?", "Be brief."):
             assert other not in run
 
@@ -105,6 +109,27 @@ def test_qwen3_trains_each_reply_as_the_conversation_renders_it(tokenizer):
     assert runs == ["Hello<|im_end|>", "Fine.<|im_end|>", "<think>\nok\n</think>\n\nGoodbye<|im_end|>"]
     assert template.render_spans(conv, "assistant").rewritten == 2
     assert template.encode(conv).rewritten == 2
+
+
+def test_qwen3_earlier_reply_repeated_as_the_last_one_is_not_stretched_over_the_turns_between(tokenizer):
+    """An earlier reply is looked for only before the next assistant prompt, never in a later turn."""
+    template = ChatTemplate(ZOO["qwen3"], tokenizer, "qwen3")
+    same = "<think>\nx\n</think>\n\nSame."
+    conv = Conversation((Message("user", "Hi"), Message("assistant", same), Message("user", "Again?"),
+                         Message("assistant", same)), Where("data.jsonl", 5))
+    _, runs = trained_runs(template, conv)
+    assert runs == ["Same.<|im_end|>", "<think>\nx\n</think>\n\nSame.<|im_end|>"]
+
+
+def test_reply_text_also_in_a_moved_system_prompt_turn_is_trained_only_as_the_reply(tokenizer):
+    """Mistral v0.3 moves the system prompt into the last user turn only while it is last, so the reply is
+    located by its text: the last occurrence after the shared prefix, not the user's echo of it."""
+    template = ChatTemplate(ZOO["mistral"], tokenizer, "mistral")
+    conv = Conversation((Message("system", "Be brief."), Message("user", "Reply with OK only."),
+                         Message("assistant", "OK"), Message("user", "Again, OK?"), Message("assistant", "OK")),
+                        Where("data.jsonl", 6))
+    _, runs = trained_runs(template, conv)
+    assert [r.strip() for r in runs] == [f"OK{tokenizer.eos_token}"] * 2
 
 
 def test_qwen3_replies_without_reasoning_are_not_counted_as_rewritten(tokenizer):

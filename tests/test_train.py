@@ -150,12 +150,39 @@ def test_packed_per_sample_loss_equals_unpacked(tiny_base):
 # ---------------------------------------------------------------- variants
 
 
-def test_qlora_loads_4bit_and_trains(make_recipe):
-    recipe = make_recipe(base={"quantization": "4bit", "dtype": "float32"},
-                         training={"max_steps": 2, "batch_size": 2, "grad_accum": 1, "log_every": 1})
-    result = finetune(recipe)
-    assert result.exit_code == 0, result.output
-    assert json.loads((out_dir(recipe) / "adapter_config.json").read_text())["r"] == 16
+def test_qlora_loads_4bit_and_trains(make_recipe, tmp_path):
+    """Old test checked only `r == 16`. Now: the layers LoRA wraps are 4-bit, every one of them was trained,
+    the loss moved, and the result differs from the same run in full precision (quantization was used)."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from conftest import build_tiny_base
+    from lora_chat import models
+
+    base = build_tiny_base(tmp_path / "base-64", hidden_size=64)  # bitsandbytes' CPU 4-bit needs >= 64 wide
+    training = {"max_steps": 6, "batch_size": 2, "grad_accum": 1, "log_every": 1, "lr": 5e-3,
+                "scheduler": "constant", "warmup_ratio": 0.0}
+    adapters = {}
+    for quantization in ("4bit", "none"):
+        recipe = make_recipe(name=f"q-{quantization}", base={"model": str(base), "quantization": quantization,
+                                                              "dtype": "float32"}, training=training)
+        result = finetune(recipe)
+        assert result.exit_code == 0, result.output
+        adapters[quantization] = out_dir(recipe)
+    seen = losses(adapters["4bit"])
+    assert seen[6] != pytest.approx(seen[1], abs=1e-3)
+
+    four_bit = models.load_model(models.resolve_base(str(base)), quantization="4bit", dtype="float32")
+    targets = json.loads((adapters["4bit"] / "adapter_config.json").read_text())["target_modules"]
+    wrapped = [name for name, module in four_bit.named_modules() if name.rsplit(".", 1)[-1] in targets]
+    assert wrapped and all(isinstance(four_bit.get_submodule(n), bnb.nn.Linear4bit) for n in wrapped)
+
+    weights = {q: load_file(str(adapters[q] / "adapter_model.safetensors")) for q in adapters}
+    lora_b = {k: v for k, v in weights["4bit"].items() if "lora_B" in k}
+    assert len(lora_b) == len(wrapped)  # lora_B starts at zero: non-zero means the layer was trained
+    assert all(v.abs().sum() > 0 for v in lora_b.values())
+    assert any(not torch.allclose(weights["4bit"][k], weights["none"][k]) for k in lora_b)
 
 
 def test_dora_list_targets_modules_to_save_and_checkpointing(make_recipe):
