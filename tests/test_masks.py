@@ -132,6 +132,22 @@ def test_reply_text_also_in_a_moved_system_prompt_turn_is_trained_only_as_the_re
     assert [r.strip() for r in runs] == [f"OK{tokenizer.eos_token}"] * 2
 
 
+# SYNTHETIC: drops earlier reasoning like Qwen3, but a newline is the only end of turn (like Falcon).
+DROPS_REASONING_NEWLINE_ENDS = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n{% else %}"
+    "{% set c = m['content'] %}{% if '</think>' in c and not loop.last %}{% set c = c.split('</think>')[-1] %}"
+    "{% endif %}Assistant: {{ c }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+
+
+def test_rewritten_reply_is_taken_whole_even_when_it_ends_with_a_repeated_line(tokenizer):
+    """The rewritten turn is the LONGEST tail of its last-turn form: 'Yes.\n' alone is a tail too."""
+    template = ChatTemplate(DROPS_REASONING_NEWLINE_ENDS, tokenizer, "newline-ends")
+    conv = Conversation((Message("user", "Sure?"), Message("assistant", "<think>r</think>Yes.\nYes."),
+                         Message("user", "Really?"), Message("assistant", "No.")), Where("data.jsonl", 8))
+    _, runs = trained_runs(template, conv)
+    assert runs == ["Yes.\nYes.\n", "No.\n"]
+
+
 def test_qwen3_replies_without_reasoning_are_not_counted_as_rewritten(tokenizer):
     template = ChatTemplate(ZOO["qwen3"], tokenizer, "qwen3")
     assert template.render_spans(conversation(), "assistant").rewritten == 0
