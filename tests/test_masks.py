@@ -14,7 +14,7 @@ from lora_chat.data.conversation import Conversation, Message
 from lora_chat.errors import DataError, Where
 from lora_chat.templates import IGNORE, ChatTemplate
 
-from template_zoo import ZOO, ZOO_ROLES, ZOO_SYSTEM, eot
+from template_zoo import ZOO, ZOO_SYSTEM, eot
 
 NO_STOP_SIGNAL = {"chatml_no_final_eot"}  # the template itself never writes an end of turn after the last reply
 # Text the template (not the data) writes at the start of a reply, which the model must learn to emit.

@@ -171,17 +171,14 @@ def test_qlora_loads_4bit_and_trains(make_recipe, tmp_path):
         assert result.exit_code == 0, result.output
         adapters[quantization] = out_dir(recipe)
     seen = losses(adapters["4bit"])
-    assert seen[6] != pytest.approx(seen[1], abs=1e-3)
-
-    four_bit = models.load_model(models.resolve_base(str(base)), quantization="4bit", dtype="float32")
-    targets = json.loads((adapters["4bit"] / "adapter_config.json").read_text())["target_modules"]
-    wrapped = [name for name, module in four_bit.named_modules() if name.rsplit(".", 1)[-1] in targets]
-    assert wrapped and all(isinstance(four_bit.get_submodule(n), bnb.nn.Linear4bit) for n in wrapped)
+    assert seen[6] < seen[1]  # the loss moved, downwards
 
     weights = {q: load_file(str(adapters[q] / "adapter_model.safetensors")) for q in adapters}
     lora_b = {k: v for k, v in weights["4bit"].items() if "lora_B" in k}
-    assert len(lora_b) == len(wrapped)  # lora_B starts at zero: non-zero means the layer was trained
-    assert all(v.abs().sum() > 0 for v in lora_b.values())
+    trained = {k.removeprefix("base_model.model.").split(".lora_B")[0] for k in lora_b}
+    four_bit = models.load_model(models.resolve_base(str(base)), quantization="4bit", dtype="float32")
+    assert trained == {n for n, m in four_bit.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert all(v.abs().sum() > 0 for v in lora_b.values())  # lora_B starts at zero: each layer was trained
     assert any(not torch.allclose(weights["4bit"][k], weights["none"][k]) for k in lora_b)
 
 
