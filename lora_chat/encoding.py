@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from .data import Conversation, LoadedData
 from .errors import DataError, LorachatError
 from .recipe import LoadedRecipe
-from .templates import IGNORE, ChatTemplate, Encoded
+from .templates import ChatTemplate, Encoded
 
 CHUNK = 2048  # conversations per batched tokenizer call: big enough for Rust threads, small for memory
 
@@ -109,12 +109,12 @@ def _fit(item: Encoded, max_length: int, policy: str, stats: SplitStats,
     if policy == "drop":
         stats.dropped[f"over max_length={max_length}"] += 1
         return None
-    labels = item.labels[:max_length]
-    if all(label == IGNORE for label in labels):
+    cut = item.truncated(max_length)
+    if cut.trained == 0:
         stats.dropped["truncation left no trained tokens"] += 1
         return None
     stats.truncated += 1
-    return Encoded(item.input_ids[:max_length], labels, item.origin, item.roles)
+    return cut
 
 
 def prepare(loaded: LoadedRecipe, data: LoadedData, template: ChatTemplate, role_stats: bool = False,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -13,6 +12,7 @@ from .data.loading import first_problems
 from .encoding import Prepared, SplitStats, prepare
 from .errors import DataError
 from .inputs import Inputs, load_inputs
+from .models import stop_ids
 from .recipe import LoadedRecipe
 from .templates import IGNORE
 from .templates.tokens import missing_markers
@@ -38,35 +38,34 @@ def validate(loaded: LoadedRecipe) -> Validation:
 
 
 def template_warnings(inputs: Inputs, prepared: Prepared) -> list[str]:
-    """What about the template could quietly spoil training, judged on the first sample."""
-    warnings = []
+    """What about the template could quietly change what is trained, judged on the kept training samples."""
+    notes = []
     if inputs.loaded.recipe.template.add_special_tokens is False:
         pieces = missing_markers(inputs.template, inputs.tokenizer)
         if pieces:
-            warnings.append(f"template.add_special_tokens is false: {', '.join(pieces)} are trained as several "
-                            f"text pieces each, not as one token")
+            notes.append(f"template.add_special_tokens is false: {', '.join(pieces)} are trained as several "
+                         f"text pieces each, not as one token")
     if not prepared.train or inputs.loaded.recipe.data.train_on == "all":
-        return warnings
+        return notes
+    rewritten = [s.rewritten for s in prepared.train if s.rewritten]
+    if rewritten:
+        notes.append(
+            f"chat template '{inputs.template.name}' rewrites earlier assistant turns inside the conversation "
+            f"({sum(rewritten)} turns in {len(rewritten)} samples; Qwen3-style templates drop the reasoning of "
+            f"earlier replies): each is trained as the conversation renders it, the text the model reads as "
+            f"history at inference, so what the template drops is not trained; to train it, give each reply its "
+            f"own sample (the conversation up to that reply)")
     sample = prepared.train[0]
     trained = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE]
     tok = inputs.tokenizer
-    if trained and trained[-1] not in _stop_ids(inputs):
-        last = tok.convert_ids_to_tokens(trained[-1])
-        warnings.append(f"the last trained token of a reply is {last!r}, not the tokenizer's eos {tok.eos_token!r} "
-                        f"or a stop token of the model: generation may not stop where training taught it to")
-    return warnings
-
-
-def _stop_ids(inputs: Inputs) -> set[int]:
-    """The tokenizer's eos plus the base's generation_config.json eos ids (Llama-3 stops on <|eot_id|>)."""
-    ids = {inputs.tokenizer.eos_token_id}
+    stops = set(stop_ids(tok, inputs.base))
     if inputs.added_tokens is not None:  # the added end-of-turn token becomes a stop token of the adapter
-        ids.add(inputs.added_tokens.end_of_turn_id)
-    config = inputs.base.path / "generation_config.json"
-    if config.is_file():
-        configured = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
-        ids.update(configured if isinstance(configured, list) else [configured])
-    return ids
+        stops.add(inputs.added_tokens.end_of_turn_id)
+    if trained and trained[-1] not in stops:
+        last = tok.convert_ids_to_tokens(trained[-1])
+        notes.append(f"the last trained token of a reply is {last!r}, not the tokenizer's eos {tok.eos_token!r} "
+                     f"or a stop token of the model: generation may not stop where training taught it to")
+    return notes
 
 
 def print_report(v: Validation, console: Console) -> None:

@@ -31,8 +31,10 @@ CORPUS = [
 ]
 
 
-def build_tiny_base(path: Path, *, chat_template: str = CHATML) -> Path:
-    """A tiny random Llama + BPE tokenizer with ChatML tokens, saved as a normal model folder."""
+def build_tiny_base(path: Path, *, chat_template: str = CHATML, hidden_size: int = 32) -> Path:
+    """A tiny random Llama + BPE tokenizer with ChatML tokens, saved as a normal model folder.
+
+    bitsandbytes' CPU 4-bit kernels need every in_features >= 64: pass hidden_size=64 for QLoRA."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -46,8 +48,8 @@ def build_tiny_base(path: Path, *, chat_template: str = CHATML) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    unk_token="<|endoftext|>", pad_token="<|im_end|>")
     fast.chat_template = chat_template
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     import torch
 

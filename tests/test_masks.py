@@ -14,7 +14,7 @@ from lora_chat.data.conversation import Conversation, Message
 from lora_chat.errors import DataError, Where
 from lora_chat.templates import IGNORE, ChatTemplate
 
-from template_zoo import ZOO, ZOO_ROLES, ZOO_SYSTEM, eot
+from template_zoo import ZOO, ZOO_SYSTEM, eot
 
 NO_STOP_SIGNAL = {"chatml_no_final_eot"}  # the template itself never writes an end of turn after the last reply
 # Text the template (not the data) writes at the start of a reply, which the model must learn to emit.
@@ -79,6 +79,10 @@ def test_each_reply_and_its_end_of_turn_are_trained_and_nothing_else(tokenizer, 
             # Phi-3 closes the whole conversation with eos after the last '<|end|>': both are trained.
             assert after.strip() in (end_of_turn, f"{end_of_turn}\n{tokenizer.eos_token}"), (run, after)
             assert after.strip() == end_of_turn or reply == replies[-1]
+            if end_of_turn:  # the layout after a marker is not something the model must emit
+                assert after == after.rstrip(), f"layout whitespace trained after the marker: {after!r}"
+            else:  # whitespace is the only end of turn (Falcon): it is the stop signal, so it is trained
+                assert after.endswith(eot(name)), f"the only end of turn was not trained: {after!r}"
         for other in ("Question one?", "Question two?", "Be brief."):
             assert other not in run
 
@@ -90,16 +94,103 @@ def test_last_assistant_trains_only_the_final_reply(tokenizer, name):
     assert len(runs) == 1 and "Answer two, longer." in runs[0] and "Answer one." not in runs[0]
 
 
-def test_template_that_renders_earlier_turns_differently_refuses_with_the_sample_named(tokenizer):
-    """Qwen3 strips reasoning from earlier replies, so such a reply cannot be located in the full text."""
+def test_qwen3_trains_each_reply_as_the_conversation_renders_it(tokenizer):
+    """Old behaviour: refused under train_on: assistant, because Qwen3 (its real template, from Qwen/Qwen3-8B)
+    drops the reasoning of replies before the last user message, so the earlier reply's text is not in the
+    rendering. Now the earlier reply is trained without its reasoning, as history shows it, and counted."""
     template = ChatTemplate(ZOO["qwen3"], tokenizer, "qwen3")
-    conv = Conversation((Message("user", "Hi"), Message("assistant", "<think>\nhmm\n</think>\n\nHello"),
+    conv = Conversation((Message("system", "Be brief."), Message("user", "Hi"),
+                         Message("assistant", "<think>\nhmm\n</think>\n\nHello"),
+                         Message("user", "How are you?"), Message("assistant", "<think>\nfine?\n</think>\n\nFine."),
+                         Message("user", "Bye"), Message("assistant", "<think>\nok\n</think>\n\nGoodbye")),
+                        Where("data.jsonl", 12))
+    text, runs = trained_runs(template, conv)
+    assert "hmm" not in text and "fine?" not in text  # the template dropped them: nothing to train
+    assert runs == ["Hello<|im_end|>", "Fine.<|im_end|>", "<think>\nok\n</think>\n\nGoodbye<|im_end|>"]
+    assert template.render_spans(conv, "assistant").rewritten == 2
+    assert template.encode(conv).rewritten == 2
+
+
+def test_qwen3_earlier_reply_repeated_as_the_last_one_is_not_stretched_over_the_turns_between(tokenizer):
+    """An earlier reply is looked for only before the next assistant prompt, never in a later turn."""
+    template = ChatTemplate(ZOO["qwen3"], tokenizer, "qwen3")
+    same = "<think>\nx\n</think>\n\nSame."
+    conv = Conversation((Message("user", "Hi"), Message("assistant", same), Message("user", "Again?"),
+                         Message("assistant", same)), Where("data.jsonl", 5))
+    _, runs = trained_runs(template, conv)
+    assert runs == ["Same.<|im_end|>", "<think>\nx\n</think>\n\nSame.<|im_end|>"]
+
+
+def test_reply_text_also_in_a_moved_system_prompt_turn_is_trained_only_as_the_reply(tokenizer):
+    """Mistral v0.3 moves the system prompt into the last user turn only while it is last, so the reply is
+    located by its text: the last occurrence after the shared prefix, not the user's echo of it."""
+    template = ChatTemplate(ZOO["mistral"], tokenizer, "mistral")
+    conv = Conversation((Message("system", "Be brief."), Message("user", "Reply with OK only."),
+                         Message("assistant", "OK"), Message("user", "Again, OK?"), Message("assistant", "OK")),
+                        Where("data.jsonl", 6))
+    _, runs = trained_runs(template, conv)
+    assert [r.strip() for r in runs] == [f"OK{tokenizer.eos_token}"] * 2
+
+
+# SYNTHETIC: drops earlier reasoning like Qwen3, but a newline is the only end of turn (like Falcon).
+DROPS_REASONING_NEWLINE_ENDS = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n{% else %}"
+    "{% set c = m['content'] %}{% if '</think>' in c and not loop.last %}{% set c = c.split('</think>')[-1] %}"
+    "{% endif %}Assistant: {{ c }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+
+
+def test_rewritten_reply_is_taken_whole_even_when_it_ends_with_a_repeated_line(tokenizer):
+    """The rewritten turn is the LONGEST tail of its last-turn form: 'Yes.\n' alone is a tail too."""
+    template = ChatTemplate(DROPS_REASONING_NEWLINE_ENDS, tokenizer, "newline-ends")
+    conv = Conversation((Message("user", "Sure?"), Message("assistant", "<think>r</think>Yes.\nYes."),
+                         Message("user", "Really?"), Message("assistant", "No.")), Where("data.jsonl", 8))
+    _, runs = trained_runs(template, conv)
+    assert runs == ["Yes.\nYes.\n", "No.\n"]
+
+
+def test_qwen3_replies_without_reasoning_are_not_counted_as_rewritten(tokenizer):
+    template = ChatTemplate(ZOO["qwen3"], tokenizer, "qwen3")
+    assert template.render_spans(conversation(), "assistant").rewritten == 0
+
+
+UPPERCASES_HISTORY = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_template_whose_history_cannot_be_matched_to_the_reply_refuses_with_the_sample_named(tokenizer):
+    """A turn rewritten into something that is neither its text nor a tail of its last-turn form is refused."""
+    template = ChatTemplate(UPPERCASES_HISTORY, tokenizer, "upper")
+    conv = Conversation((Message("user", "Hi"), Message("assistant", "Hello there"),
                          Message("user", "Bye"), Message("assistant", "Goodbye")), Where("data.jsonl", 12))
-    with pytest.raises(DataError, match=r"data.jsonl:12: chat template 'qwen3' renders message 1 \(assistant\) "
+    with pytest.raises(DataError, match=r"data.jsonl:12: chat template 'upper' renders message 1 \(assistant\) "
                                         r"differently.*train_on: last_assistant"):
         template.encode(conv)
     _, runs = trained_runs(template, conv, "last_assistant")
-    assert len(runs) == 1 and "Goodbye" in runs[0]
+    assert runs == ["Goodbye<|im_end|>"]
+
+
+def test_train_on_all_trains_every_token_without_locating_replies(tokenizer):
+    """`all` needs no reply spans, so even a template whose replies cannot be located is fine."""
+    template = ChatTemplate(UPPERCASES_HISTORY, tokenizer, "upper")
+    conv = Conversation((Message("user", "Hi"), Message("assistant", "Hello there"),
+                         Message("user", "Bye"), Message("assistant", "Goodbye")), Where("data.jsonl", 12))
+    encoded = template.encode(conv, "all")
+    assert encoded.labels == encoded.input_ids
+
+
+def test_truncation_counts_per_role_tokens_of_what_is_left(tokenizer):
+    """Old behaviour: a truncated sample kept the per-role counts of the whole conversation."""
+    template = ChatTemplate(ZOO["chatml"], tokenizer, "chatml")
+    conv = Conversation((Message("user", "Question one?"), Message("assistant", "Answer one. " * 20)),
+                        Where("data.jsonl", 3))
+    whole = template.encode_batch([conv], "assistant", role_stats=True)[0]
+    cut = whole.truncated(len(whole.input_ids) // 2)
+    assert sum(n for n, _ in cut.roles.values()) == len(cut.input_ids)
+    assert sum(t for _, t in cut.roles.values()) == cut.trained
+    assert cut.roles["user"] == whole.roles["user"]
+    assert 0 < cut.roles["assistant"][0] < whole.roles["assistant"][0]
 
 
 def test_generation_markers_are_used_when_present(tokenizer):

@@ -154,6 +154,18 @@ def test_model_facts_come_from_config_json(tmp_path):
                      "vocab_size": 128, "model_type": "llama"}
 
 
+def test_stop_ids_are_the_tokenizer_eos_and_the_base_generation_eos_ids(tiny_base, tmp_path):
+    """Llama-3 style: the tokenizer's eos is not the token that ends a turn; generation_config.json names it."""
+    folder = tmp_path / "llama3-like"
+    shutil.copytree(tiny_base, folder)
+    resolved = models.resolve_base(str(folder), need_weights=False)
+    tok = models.load_tokenizer(resolved)
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    assert models.stop_ids(tok, resolved) == [tok.eos_token_id]  # config.json's eos_token_id is the same
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, tok.eos_token_id, 9]}))
+    assert models.stop_ids(tok, resolved) == sorted({5, 9, tok.eos_token_id})
+
+
 @pytest.mark.parametrize(("name", "expected"), [("bf16", "bfloat16"), ("float16", "float16"), ("FP32", "float32")])
 def test_pick_dtype_explicit_names(name, expected):
     import torch

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from lora_chat.cli import main
 
 from conftest import chat, sample_rows
+from template_zoo import ZOO
 
 
 def run(*args: str):
@@ -172,3 +173,30 @@ def test_template_without_an_end_of_turn_after_the_reply_is_warned_about(make_re
 def test_a_template_that_ends_replies_with_eos_gets_no_stop_warning(make_recipe):
     result = run("validate", make_recipe())
     assert result.exit_code == 0 and "may not stop" not in result.output
+
+
+def test_validate_says_which_replies_a_template_rewrites_and_what_is_trained(make_recipe, tmp_path):
+    """Old behaviour: Qwen3's template was refused under train_on: assistant (it drops earlier reasoning)."""
+    (tmp_path / "qwen3.jinja").write_text(ZOO["qwen3"], encoding="utf-8")
+    think = {"role": "assistant", "content": "<think>\nshort\n</think>\n\nTen weeks."}
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, think,
+                          {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Welcome."}]}
+            for i in range(4)]
+    result = run("validate", make_recipe(rows, template={"file": "qwen3.jinja"}, data={"eval": {"split": 0}}))
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "chat template 'qwen3.jinja' rewrites earlier assistant turns inside the conversation " \
+           "(4 turns in 4 samples;" in said
+    assert "trained as the conversation renders it" in said
+
+
+def test_validate_per_role_counts_add_up_when_rows_are_truncated(make_recipe):
+    """Old behaviour: a truncated row kept the per-role token counts of its whole conversation."""
+    from lora_chat.validate import validate
+
+    rows = [chat(f"Question {i}?", "A long answer about permits. " * 30) for i in range(3)]
+    v = validate(str(make_recipe(rows, data={"max_length": 48, "too_long": "truncate", "eval": {"split": 0}})))
+    st = v.prepared.stats["train"]
+    assert st.truncated == 3
+    assert sum(n for n, _ in st.roles.values()) == st.tokens == 3 * 48
+    assert sum(t for _, t in st.roles.values()) == st.trained

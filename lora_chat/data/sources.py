@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, Where
+from ..models.resolve import hub_offline
 from ..recipe import Source
 
 Row = tuple[Where, Any]
@@ -191,8 +192,7 @@ def _read_hf(dataset_id: str, source: Source) -> Iterator[Row]:
     try:
         ds = datasets.load_dataset(dataset_id, source.name, split=source.split)
     except Exception as err:  # datasets raises many types; all mean "cannot have it"
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if hub_offline() else ""
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"cannot load dataset '{dataset_id}' split '{source.split}'{hint}: {reason}",
                         Where(f"hf:{dataset_id}")) from None

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from packaging.version import Version
+
 from ..files import current_umask, sha256_file, user_cache_dir
 
 logger = logging.getLogger("lora_chat.models")
@@ -209,13 +211,22 @@ def _export_weights(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The loaded weights are already dequantized float32; without this the folder
-    # would claim a GGUF quantization and transformers would refuse or re-quantize it.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # Workaround: transformers (GGUF loading since 4.41, still in 5.23) dequantizes every GGUF tensor to
+    # float32 yet leaves the model marked GGUF-quantized, so save_pretrained refuses it ("quantized with gguf
+    # and is not serializable"). The same bug for bitsandbytes' dequantize() is huggingface/transformers#34847;
+    # none is filed for GGUF. Guarded by the bug itself rather than a version bound: once a release stops
+    # marking the model, nothing is undone here.
+    if _marked_gguf_quantized(model):
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
     _fix_exported_config(model.config)
     model.save_pretrained(str(out))
+
+
+def _marked_gguf_quantized(model: Any) -> bool:
+    quantizer = getattr(model, "hf_quantizer", None)
+    return quantizer is not None and quantizer.quantization_config.quant_method == "gguf"
 
 
 def _fix_exported_config(config: Any) -> None:
@@ -231,11 +242,18 @@ def _fix_exported_config(config: Any) -> None:
 
 
 def _match_umask(folder: Path, names: list[str]) -> None:
-    # mkdtemp makes the folder 0700 and safetensors files come out 0600; a folder
-    # that may be renamed into a shared cache should get what the user's umask asks.
+    """Give the folder and its files what the user's umask asks: the folder may be renamed into a shared cache."""
     umask = current_umask()
     with contextlib.suppress(OSError):
-        folder.chmod(0o777 & ~umask)
+        folder.chmod(0o777 & ~umask)  # mkdtemp makes it 0700, on purpose while it is being written
+    if not _SAFETENSORS_WRITES_0600:
+        return
+    # Workaround: safetensors >= 0.8.0 writes through a temp file created 0600 and renames it into place,
+    # ignoring the umask (safetensors/safetensors#782; fix proposed in #789). Bound the range when it lands.
     for name in names:
-        with contextlib.suppress(OSError):
-            (folder / name).chmod(0o666 & ~umask)
+        if name.endswith(".safetensors"):
+            with contextlib.suppress(OSError):
+                (folder / name).chmod(0o666 & ~umask)
+
+
+_SAFETENSORS_WRITES_0600 = Version(importlib.metadata.version("safetensors")) >= Version("0.8.0")

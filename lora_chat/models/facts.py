@@ -1,4 +1,5 @@
-"""What a base is, from its config.json alone (no torch, no weights): for manifests and compatibility checks."""
+"""What a base is, from its json files alone (no torch, no weights): for manifests, compatibility checks,
+and the tokens that end a reply."""
 
 from __future__ import annotations
 
@@ -56,3 +57,25 @@ def refuse_encoder_only(resolved: ResolvedBase) -> None:
             f"{resolved.model_id} is an encoder-only model (model_type {model_type}{named}): it reads text but "
             f"cannot write replies; choose a decoder base such as HuggingFaceTB/SmolLM2-135M-Instruct",
             Where(field="base.model"))
+
+
+def stop_ids(tokenizer: Any, resolved: ResolvedBase) -> list[int]:
+    """The token ids that end a reply: the tokenizer's eos plus the base's own generation eos ids.
+
+    Chat models often end a turn with a token only one of the two names (Llama-3 stops on
+    `<|eot_id|>`, listed in generation_config.json, while its tokenizer's eos is `<|end_of_text|>`).
+    Read as transformers does: generation_config.json, else config.json.
+    """
+    ids = {tokenizer.eos_token_id}
+    for name in ("generation_config.json", "config.json"):
+        path = resolved.path / name
+        if not path.is_file():
+            continue
+        try:
+            configured = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        except ValueError as err:
+            raise ModelError(f"cannot read {path}: {one_line(err)}", Where(file=path)) from err
+        if configured is not None:
+            ids.update(configured if isinstance(configured, list) else [configured])
+            break
+    return sorted(i for i in ids if i is not None)

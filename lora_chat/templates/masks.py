@@ -14,10 +14,17 @@ merge the system prompt into the first user turn, because every span is measured
 template's own output.
 
 It relies on `upto_k` being a prefix of the full rendering. Templates that render earlier
-turns differently from the last one (Qwen3 drops earlier reasoning; some omit the final EOS)
-break that: then the reply is located inside the full rendering after `prompt_k`, by its text.
-If even that fails the sample is refused with a message naming it. Templates that do have
-`{% generation %}` markers are used directly (one render, exact spans).
+turns differently from the last one break that, in two ways, and each turn is then trained in
+the form the FULL conversation gives it (what the model reads as history at inference):
+  * the reply text is there, only the end differs (Phi-3 writes eos after the last turn alone):
+    the reply is located after `prompt_k`, with the end-of-turn text both renderings share;
+  * the template rewrites the turn (Qwen3 drops the reasoning of replies before the last user
+    message): the turn inside the conversation is a tail of its last-turn form, so the longest
+    run after `prompt_k` that ends the last-turn form is the turn. Such turns are counted
+    (`Rendered.rewritten`) so `validate` can say what was trained instead of the data's text.
+If neither fits, the sample is refused with a message naming it. Templates that do have
+`{% generation %}` markers are used directly (one render, exact spans). `train_on: all` needs
+no spans at all: the whole rendering is trained.
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ from ..errors import DataError, Where
 
 TrainOn = Literal["assistant", "last_assistant", "all"]
 IGNORE = -100
-# Above this many rows, the Rust tokenizer's own threads beat anything done in Python.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+# A reply no template rewrites or drops: what a template writes after it is its end-of-turn text.
+_PROBE = "lorachat-probe-reply"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +48,26 @@ class Encoded:
     input_ids: list[int]  # (T,)
     labels: list[int]  # (T,) the input id where trained, IGNORE elsewhere; NOT shifted
     origin: Where
-    # role -> (tokens, trained tokens); "template" is what the template writes around messages.
-    roles: dict[str, tuple[int, int]] | None = None
+    # (first token, end token, role) of each message's content, for per-role stats (`validate`).
+    role_tokens: tuple[tuple[int, int, str], ...] | None = None
+    rewritten: int = 0  # assistant turns trained in the form the template rewrote them to
 
     @property
     def trained(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+    @property
+    def roles(self) -> dict[str, tuple[int, int]] | None:
+        """role -> (tokens, trained tokens) of what is left; "template" is what the template writes around
+        messages. Counted from the kept tokens, so a truncated sample counts only what survived the cut."""
+        if self.role_tokens is None:
+            return None
+        return _count_roles(self.labels, self.role_tokens)
+
+    def truncated(self, max_length: int) -> Encoded:
+        """The first `max_length` tokens; per-role counts follow the cut."""
+        return Encoded(self.input_ids[:max_length], self.labels[:max_length], self.origin, self.role_tokens,
+                       self.rewritten)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +75,7 @@ class Rendered:
     text: str
     spans: tuple[tuple[int, int], ...]  # character ranges [start, end) that carry loss
     roles: tuple[tuple[int, int, str], ...]  # (start, end, role) of each message's contribution, for stats
+    rewritten: int = 0  # assistant turns trained as the conversation renders them, not as their own text
 
 
 class ChatTemplate:
@@ -93,6 +115,9 @@ class ChatTemplate:
     def render_spans(self, conversation: Conversation, train_on: TrainOn) -> Rendered:
         """Render a conversation and find the character spans that carry loss under `train_on`."""
         messages = self.messages_of(conversation)
+        if train_on == "all":  # everything is trained: no reply needs locating
+            text = self._render_or_refuse(messages, False, conversation.origin)
+            return Rendered(text, ((0, len(text)),), self._role_spans(messages, text))
         offset = len(messages) - len(conversation.messages)  # 1 when a default system prompt was added
         flags = [None] * offset + [m.train for m in conversation.messages]
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -100,16 +125,18 @@ class ChatTemplate:
         if train_on == "last_assistant":
             wanted = [i for i in wanted if i == assistant[-1]]
 
+        rewritten = 0
         if self._has_generation:
             text, spans = self._render_marked(messages, conversation.origin)
             spans = [s for i, s in zip(assistant, spans) if i in wanted]
         else:
             text = self._render_or_refuse(messages, False, conversation.origin)
-            spans = [self._reply_span(messages, k, text, conversation.origin) for k in wanted]
-        roles = self._role_spans(messages, text, spans)
-        if train_on == "all":
-            spans = [(0, len(text))]
-        return Rendered(text, tuple(spans), roles)
+            spans = []
+            for k in wanted:
+                span, was_rewritten = self._reply_span(messages, k, text, conversation.origin)
+                spans.append(span)
+                rewritten += was_rewritten
+        return Rendered(text, tuple(spans), self._role_spans(messages, text), rewritten)
 
     def _render_or_refuse(self, messages: list[dict], gen: bool, origin: Where) -> str:
         try:
@@ -129,7 +156,8 @@ class ChatTemplate:
             raise DataError(f"chat template '{self.name}' refused this conversation: {err}", origin) from None
         return text, [tuple(i) for i in indices]
 
-    def _reply_span(self, messages: list[dict], k: int, full: str, origin: Where) -> tuple[int, int]:
+    def _reply_span(self, messages: list[dict], k: int, full: str, origin: Where) -> tuple[tuple[int, int], bool]:
+        """The characters of reply k in `full` (reply + end-of-turn), and whether the template rewrote it."""
         prompt = self._render_or_refuse(messages[:k], True, origin)
         upto = full if k == len(messages) - 1 else self._render_or_refuse(messages[: k + 1], False, origin)
         if upto.startswith(prompt):
@@ -142,23 +170,46 @@ class ChatTemplate:
                 raise DataError(f"chat template '{self.name}' changes the prompt of message {k} (assistant) "
                                 f"and its reply cannot be found in the rendering", origin)
         if full.startswith(upto):
-            return start, _trim_after_marker(upto, start, messages[k]["content"])
-        # The template renders a last turn differently from an earlier one: look for the reply in the
-        # full text, right after the prompt, and keep the end-of-turn text the last-turn rendering shows.
+            return (start, _trim_after_marker(upto, start, messages[k]["content"])), False
         if full.startswith(upto[:start]):
+            # The template renders this turn differently inside the conversation than at its end. The
+            # turn ends before the next assistant prompt, which the template renders consistently.
+            limit = self._next_prompt_end(messages, k, full, origin)
             reply = messages[k]["content"].strip()
-            found = full.find(reply, start)
+            found = full.find(reply, start, limit)
             if found >= 0:
+                # The reply's own text is there; only the end differs. Keep the end-of-turn text the full
+                # rendering shares with this turn's own rendering (Phi-3 writes "<|end|>\n</s>" at the
+                # very end, "<|end|>\n<|user|>" mid-conversation).
                 end = found + len(reply)
-                # Keep the end-of-turn text the full rendering shares with this turn's own rendering
-                # (Phi-3 writes "<|end|>\n</s>" at the very end, "<|end|>\n<|user|>" mid-conversation).
                 tail = upto[upto.rfind(reply) + len(reply):] if reply in upto else ""
                 end += self._shared_marker(tail, full[end:end + len(tail)])
-                return start, _trim_after_marker(full[:end], start, reply)
+                return (start, _trim_after_marker(full[:end], start, reply)), False
+            end = _rewritten_turn_end(upto[start:], full, start, limit)
+            if end is not None:
+                # Rewritten in history (Qwen3 drops the reasoning of earlier replies): train the turn as
+                # the conversation renders it, up to and including its end-of-turn text.
+                marker = self._end_of_turn(messages[:k], origin)
+                visible = full[start:end - len(marker)] if full[:end].endswith(marker) else full[start:end]
+                return (start, _trim_after_marker(full[:end], start, visible)), True
         raise DataError(
             f"chat template '{self.name}' renders message {k} (assistant) differently inside the conversation "
             f"than at its end, so its reply cannot be located; use train_on: last_assistant or a template "
             f"with {{% generation %}} markers", origin)
+
+    def _next_prompt_end(self, messages: list[dict], k: int, full: str, origin: Where) -> int:
+        """Where the next assistant turn's prompt ends in `full`: reply k lies before it."""
+        later = [i for i in range(k + 1, len(messages)) if messages[i]["role"] == "assistant"]
+        if later:
+            prompt = self._render_or_refuse(messages[:later[0]], True, origin)
+            if full.startswith(prompt):
+                return len(prompt)
+        return len(full)
+
+    def _end_of_turn(self, history: list[dict], origin: Where) -> str:
+        """What the template writes after a plain reply that ends the conversation ("<|im_end|>\n")."""
+        probe = self._render_or_refuse(history + [{"role": "assistant", "content": _PROBE}], False, origin)
+        return probe[probe.rfind(_PROBE) + len(_PROBE):] if _PROBE in probe else ""
 
     def _shared_marker(self, tail: str, following: str) -> int:
         """Length of the end-of-turn text two renderings share, ending on a whole marker.
@@ -177,7 +228,7 @@ class ChatTemplate:
         return 0
 
     @staticmethod
-    def _role_spans(messages: list[dict], text: str, spans: list[tuple[int, int]]) -> tuple:
+    def _role_spans(messages: list[dict], text: str) -> tuple[tuple[int, int, str], ...]:
         """Attribute each character range to the message whose content it holds (for per-role stats)."""
         out, cursor = [], 0
         for m in messages:
@@ -218,8 +269,9 @@ class ChatTemplate:
                 continue
             ids, offsets = next(ids_iter)
             labels = mask_labels(ids, offsets, r.spans)
-            roles = _count_roles(offsets, labels, r.roles) if role_stats else None
-            out.append(Encoded(list(ids), labels, conversation.origin, roles))
+            role_tokens = tuple((*_token_range(offsets, lo, hi), role) for lo, hi, role in r.roles) \
+                if role_stats else None
+            out.append(Encoded(list(ids), labels, conversation.origin, role_tokens, r.rewritten))
         return out
 
     def encode_batch(self, conversations: list[Conversation], train_on: TrainOn,
@@ -262,13 +314,25 @@ def _end(offset: tuple[int, int]) -> int:
     return offset[1]
 
 
-def _count_roles(offsets: list[tuple[int, int]], labels: list[int],
-                 roles: tuple[tuple[int, int, str], ...]) -> dict[str, tuple[int, int]]:
-    """Per role: (tokens, trained tokens); a token belongs to the message whose content it overlaps."""
+def _rewritten_turn_end(last_form: str, full: str, start: int, limit: int) -> int | None:
+    """End of a turn that the template renders, inside the conversation, as a tail of its last-turn form.
+
+    `last_form` is the turn rendered as the conversation's end (Qwen3: "<think>\\nR\\n</think>\\n\\nA<|im_end|>\\n");
+    inside the conversation the template wrote `full[start:end]` ("A<|im_end|>\\n"). The longest such tail
+    before `limit` is the turn; None when the turn is not a tail of its last-turn form.
+    """
+    for end in range(min(limit, start + len(last_form)), start, -1):
+        if last_form.endswith(full[start:end]) and full[start:end].strip():
+            return end
+    return None
+
+
+def _count_roles(labels: list[int], role_tokens: tuple[tuple[int, int, str], ...]) -> dict[str, tuple[int, int]]:
+    """Per role: (tokens, trained tokens) among `labels`; token ranges past the end (truncation) are cut."""
     counts: dict[str, list[int]] = {}
     covered = covered_trained = 0
-    for lo, hi, role in roles:
-        i, j = _token_range(offsets, lo, hi)
+    for i, j, role in role_tokens:
+        i, j = min(i, len(labels)), min(j, len(labels))
         trained = j - i - labels[i:j].count(IGNORE)
         c = counts.setdefault(role, [0, 0])
         c[0] += j - i
