@@ -192,10 +192,11 @@ def test_validate_says_which_replies_a_template_rewrites_and_what_is_trained(mak
 
 def test_validate_per_role_counts_add_up_when_rows_are_truncated(make_recipe):
     """Old behaviour: a truncated row kept the per-role token counts of its whole conversation."""
+    from lora_chat.recipe import load_recipe
     from lora_chat.validate import validate
 
     rows = [chat(f"Question {i}?", "A long answer about permits. " * 30) for i in range(3)]
-    v = validate(str(make_recipe(rows, data={"max_length": 48, "too_long": "truncate", "eval": {"split": 0}})))
+    v = validate(load_recipe(make_recipe(rows, data={"max_length": 48, "too_long": "truncate", "eval": {"split": 0}})))
     st = v.prepared.stats["train"]
     assert st.truncated == 3
     assert sum(n for n, _ in st.roles.values()) == st.tokens == 3 * 48
