@@ -15,7 +15,7 @@ see docs/batch-invariance.md). Chat, serve and eval are built on these; none of 
 adapter switching directly.
 """
 
-from .adapter_set import BASE, AdapterSet, Resident
+from .adapter_set import BASE, AdapterSet, OpenedAdapter, Resident, SetPlan
 from .generate import Completion, Delta, Request, Sampling, generate, stream
 
-__all__ = ["BASE", "AdapterSet", "Completion", "Delta", "Request", "Resident", "Sampling", "generate", "stream"]
+__all__ = ["BASE", "AdapterSet", "Completion", "OpenedAdapter", "SetPlan", "Delta", "Request", "Resident", "Sampling", "generate", "stream"]

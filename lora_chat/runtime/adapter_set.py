@@ -61,11 +61,87 @@ class Resident:
 
 
 @dataclass(frozen=True)
-class _Opened:
-    """An adapter directory read and checked, before its weights load."""
+class OpenedAdapter:
+    """An adapter directory read (manifest, recipe), before its weights load."""
 
     info: AdapterInfo
     loaded: LoadedRecipe | None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def template(self, tokenizer: Any) -> ChatTemplate | None:
+        """The exact template the adapter was trained with (its chat_template.jinja), else its recipe's."""
+        saved = self.info.path / TEMPLATE
+        system = self.loaded.recipe.template.system if self.loaded else None
+        if saved.is_file():
+            return ChatTemplate(saved.read_text(encoding="utf-8"), tokenizer, f"{self.name}/{TEMPLATE}", system)
+        return load_template(self.loaded, tokenizer) if self.loaded else None
+
+
+@dataclass
+class SetPlan:
+    """What `AdapterSet.open` will load, resolved and checked, before any weights: commands that have more
+    to check (eval's data) do that between `make` and `load`, so bad input never waits for weights."""
+
+    base: ResolvedBase  # config and tokenizer files only, so far
+    model_ref: str  # what resolves it: a hub id or a folder
+    revision: str
+    adapters: list[OpenedAdapter]
+    dtype: str
+    quantization: str
+    trust_remote_code: bool
+    notes: list[str]
+
+    @classmethod
+    def make(cls, adapters: Sequence[str | Path] = (), *, base: str | None = None, dtype: str | None = None,
+             quantization: str | None = None, trust_remote_code: bool | None = None) -> SetPlan:
+        opened = [_open(Path(p)) for p in adapters]
+        if base is None and not opened:
+            raise LorachatError("no adapter and no base model given", Where(field="ADAPTER"))
+        first = opened[0].loaded.recipe.base if opened and opened[0].loaded else None
+        model_id = base or opened[0].info.base_model
+        revision = first.revision if first and base is None else "main"
+        resolved = resolve_base(model_id, revision, need_weights=False)
+        facts = model_facts(resolved)
+        _check_names([o.name for o in opened])
+        for o in opened:
+            check_compatible(o.info, facts)
+        notes = []
+        recorded = opened[0].info.manifest.get("base", {}).get("revision") if opened and base is None else None
+        if recorded and resolved.revision not in (recorded, "local"):
+            notes.append(f"the adapters were trained on {model_id} at revision {recorded}; found {resolved.revision}")
+        if trust_remote_code is None:
+            trust_remote_code = bool(opened) and all(o.loaded and o.loaded.recipe.base.trust_remote_code
+                                                     for o in opened)
+        return cls(resolved, model_id, revision, opened, dtype or (first.dtype if first else "auto"),
+                   quantization or (first.quantization if first else "none"), trust_remote_code, notes)
+
+    def tokenizer(self) -> Any:
+        return load_tokenizer(self.base, trust_remote_code=self.trust_remote_code)
+
+    def load(self, tokenizer: Any = None, *, batch_invariant: bool = True,
+             say: Callable[[str], None] = lambda line: None) -> AdapterSet:
+        """Load the base's weights (once) and attach every adapter."""
+        resolved = resolve_base(self.model_ref, self.revision, need_weights=True)
+        notes = ([resolved.note] if resolved.note else []) + self.notes
+        for note in notes:
+            say(f"note: {note}")
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer()
+        say(f"loading {resolved.model_id} ({self.dtype}, quantization {self.quantization})")
+        model = load_model(resolved, dtype=self.dtype, quantization=self.quantization,
+                           trust_remote_code=self.trust_remote_code, for_training=False)
+        if batch_invariant:
+            from .invariant import use_invariant_attention
+
+            use_invariant_attention(model)
+        rt = AdapterSet(resolved, model, tokenizer, dtype=str(model.dtype).removeprefix("torch."),
+                        quantization=self.quantization, batch_invariant=batch_invariant, notes=notes)
+        for o in self.adapters:
+            say(f"attaching adapter {o.name}")
+            rt._attach(o)
+        return rt
 
 
 class AdapterSet:
@@ -98,45 +174,9 @@ class AdapterSet:
         `batch_invariant` (default) makes a row's greedy reply independent of the batch it runs in
         (see `invariant`); False runs the stock attention kernels, a little faster.
         """
-        opened = [_open(Path(p)) for p in adapters]
-        if base is None and not opened:
-            raise LorachatError("no adapter and no base model given", Where(field="ADAPTER"))
-        first = opened[0].loaded.recipe.base if opened and opened[0].loaded else None
-        model_id = base or opened[0].info.base_model
-        revision = first.revision if first and base is None else "main"
-        resolved = resolve_base(model_id, revision, need_weights=False)
-        facts = model_facts(resolved)
-        _check_names([o.info.name for o in opened])
-        for o in opened:
-            check_compatible(o.info, facts)
-        resolved = resolve_base(model_id, revision, need_weights=True)
-        notes = [resolved.note] if resolved.note else []
-        recorded = opened[0].info.manifest.get("base", {}).get("revision") if opened and base is None else None
-        if recorded and recorded != resolved.revision:
-            notes.append(f"the adapters were trained on {model_id} at revision {recorded}; loaded {resolved.revision}")
-        for note in notes:
-            say(f"note: {note}")
-
-        if trust_remote_code is None:
-            trust_remote_code = bool(opened) and all(o.loaded and o.loaded.recipe.base.trust_remote_code
-                                                     for o in opened)
-        dtype = dtype or (first.dtype if first else "auto")
-        quantization = quantization or (first.quantization if first else "none")
-        tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
-        say(f"loading {resolved.model_id} ({dtype}, quantization {quantization})")
-        model = load_model(resolved, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code,
-                           for_training=False)
-        if batch_invariant:
-            from .invariant import use_invariant_attention
-
-            use_invariant_attention(model)
-        dtype_name = str(model.dtype).removeprefix("torch.")
-        rt = cls(resolved, model, tokenizer, dtype=dtype_name, quantization=quantization,
-                 batch_invariant=batch_invariant, notes=notes)
-        for o in opened:
-            say(f"attaching adapter {o.info.name}")
-            rt._attach(o)
-        return rt
+        plan = SetPlan.make(adapters, base=base, dtype=dtype, quantization=quantization,
+                            trust_remote_code=trust_remote_code)
+        return plan.load(batch_invariant=batch_invariant, say=say)
 
     def load(self, path: str | Path, name: str | None = None) -> Resident:
         """Attach one more adapter while running; checked against the base before its weights load."""
@@ -202,7 +242,7 @@ class AdapterSet:
 
     # ------------------------------------------------------------ internals
 
-    def _attach(self, o: _Opened) -> Resident:
+    def _attach(self, o: OpenedAdapter) -> Resident:
         from peft import PeftModel
 
         self._counter += 1
@@ -226,7 +266,7 @@ class AdapterSet:
                                 "with DoRA); merge it into the base with `lorachat merge` and load that",
                                 Where(o.info.path, None, "lora.variant"))
         recipe = o.loaded.recipe if o.loaded else None
-        template = self._adapter_template(o)
+        template = o.template(self.tokenizer) or self._base_template()
         resident = Resident(o.info.name, template, self._stop_ids(o.info.path), o.info.path, o.info, o.loaded,
                             recipe.output.domain if recipe else o.info.manifest.get("domain"),
                             recipe.output.language if recipe else o.info.manifest.get("language"), key)
@@ -242,17 +282,6 @@ class AdapterSet:
             source = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                       "{% if add_generation_prompt %}assistant:{% endif %}")
         return ChatTemplate(source, self.tokenizer, f"{BASE} tokenizer")
-
-    def _adapter_template(self, o: _Opened) -> ChatTemplate:
-        """The exact template the adapter was trained with (its chat_template.jinja), else its recipe's."""
-        saved = o.info.path / TEMPLATE
-        system = o.loaded.recipe.template.system if o.loaded else None
-        if saved.is_file():
-            return ChatTemplate(saved.read_text(encoding="utf-8"), self.tokenizer, f"{o.info.name}/{TEMPLATE}",
-                                system)
-        if o.loaded:
-            return load_template(o.loaded, self.tokenizer)
-        return self._base_template()
 
     def _stop_ids(self, adapter_dir: Path | None) -> tuple[int, ...]:
         """The base's end-of-turn ids, plus the eos the adapter's saved tokenizer names (its template may end
@@ -270,13 +299,13 @@ class AdapterSet:
         return tuple(sorted(ids))
 
 
-def _open(path: Path, name: str | None = None) -> _Opened:
+def _open(path: Path, name: str | None = None) -> OpenedAdapter:
     """Read an adapter directory (manifest and recipe) without touching its weights."""
     info = read_adapter(path)
     if name:
         info = AdapterInfo(info.path, name, info.manifest, info.recipe_yaml, info.base_model)
     recipe = Path(info.path) / "recipe.yaml"
-    return _Opened(info, load_recipe(recipe) if recipe.is_file() else None)
+    return OpenedAdapter(info, load_recipe(recipe) if recipe.is_file() else None)
 
 
 def _check_names(names: list[str]) -> None:

@@ -229,8 +229,8 @@ def _decode(rt: AdapterSet, requests: Sequence[Request], rows: list[_Row]) -> It
         cache = DynamicCache(config=model.config)
         active = list(rows)  # rows still decoding, in the cache's batch order
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       past_key_values=cache, use_cache=True, logits_to_keep=1,
-                       **routing).logits[:, -1, :].float()  # (B, V)
+                       past_key_values=cache, use_cache=True, logits_to_keep=1, **routing,
+                       **_invariant(rt, mask)).logits[:, -1, :].float()  # (B, V)
         while True:
             keep: list[int] = []
             for b, row in enumerate(active):
@@ -255,8 +255,17 @@ def _decode(rt: AdapterSet, requests: Sequence[Request], rows: list[_Row]) -> It
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)  # (B', T + t)
             positions = positions[:, -1:] + 1  # (B', 1)
             logits = model(input_ids=step, attention_mask=mask.to(device), position_ids=positions.to(device),
-                           past_key_values=cache, use_cache=True, logits_to_keep=1,
-                           **routing).logits[:, -1, :].float()  # (B', V)
+                           past_key_values=cache, use_cache=True, logits_to_keep=1, **routing,
+                           **_invariant(rt, mask)).logits[:, -1, :].float()  # (B', V)
+
+
+def _invariant(rt: AdapterSet, mask: torch.Tensor) -> dict[str, list[int]]:
+    """The per-row key counts that switch the batch-invariant attention on (see `invariant`)."""
+    if not rt.batch_invariant:
+        return {}
+    from .invariant import ROW_LENGTHS
+
+    return {ROW_LENGTHS: mask.sum(dim=-1).tolist()}
 
 
 def _capped(sampling: Sampling, max_tokens: int) -> Sampling:

@@ -22,25 +22,30 @@ import torch
 NAME = "lorachat_invariant"
 
 
+ROW_LENGTHS = "invariant_row_lengths"  # the forward kwarg that turns it on: real keys per left-padded row
+
+
 def invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: query (B, H, q, D), key/value (B, Hkv, k, D) -> (B, q, H, D).
 
-    `attention_mask` is the sdpa-style boolean mask (B, 1, q, k), True where a query may look, or None
-    when no row is padded. Rows are left-padded (as `generate` builds them), so row b's keys are the
-    last n_b columns, and its queries the last min(q, n_b) rows.
+    Per row when the forward passes `invariant_row_lengths` (B ints: how many of the last key
+    columns are the row's real tokens; rows are left-padded, as the runtime's decode loop builds
+    them). Every other forward (eval's loss over right-padded rows, packed rows) is the stock SDPA
+    one, with its masks, unchanged.
     """
+    lengths = kwargs.pop(ROW_LENGTHS, None)
+    if lengths is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     groups = heads // key.shape[1]
-    if attention_mask is None:
-        counts = [kv_len] * batch
-    else:
-        counts = attention_mask[:, 0, -1, :].sum(dim=-1).tolist()  # (B,): keys the last query may see
     out = query.new_zeros(batch, q_len, heads, query.shape[-1])  # (B, q, H, D); padded queries stay 0
-    for b, n in enumerate(counts):
-        n = int(n)
+    for b, n in enumerate(lengths):
         nq = min(q_len, n)
         q = query[b:b + 1, :, q_len - nq:].contiguous()  # (1, H, nq, D)
         k = key[b:b + 1, :, kv_len - n:]  # (1, Hkv, n, D)
