@@ -12,6 +12,7 @@ from .encoding import Prepared, SplitStats, prepare
 from .errors import DataError
 from .inputs import Inputs, load_inputs
 from .models.facts import stop_token_ids
+from .recipe import LoadedRecipe
 from .templates import IGNORE
 
 
@@ -27,8 +28,8 @@ class Validation:
         return not self.problems and bool(self.prepared.train)
 
 
-def validate(recipe_path: str, overrides: list[str] = ()) -> Validation:
-    inputs = load_inputs(recipe_path, overrides)
+def validate(loaded: LoadedRecipe) -> Validation:
+    inputs = load_inputs(loaded)
     problems = list(inputs.data.problems)
     prepared = prepare(inputs.loaded, inputs.data, inputs.template, role_stats=True, problems=problems)
     return Validation(inputs, prepared, problems, template_warnings(inputs, prepared))
