@@ -32,6 +32,7 @@ requests into one call.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -228,9 +229,10 @@ def _decode(rt: AdapterSet, requests: Sequence[Request], rows: list[_Row]) -> It
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each row counts from its first real token
         cache = DynamicCache(config=model.config)
         active = list(rows)  # rows still decoding, in the cache's batch order
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       past_key_values=cache, use_cache=True, logits_to_keep=1, **routing,
-                       **_invariant(rt, mask)).logits[:, -1, :].float()  # (B, V)
+        with _kernels(rt, prefill=True):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                           logits_to_keep=1, **routing, **_invariant(rt, mask)).logits[:, -1, :].float()  # (B, V)
         while True:
             keep: list[int] = []
             for b, row in enumerate(active):
@@ -254,9 +256,10 @@ def _decode(rt: AdapterSet, requests: Sequence[Request], rows: list[_Row]) -> It
             step = torch.tensor([[r.tokens[-1]] for r in active], device=device)  # (B', 1)
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)  # (B', T + t)
             positions = positions[:, -1:] + 1  # (B', 1)
-            logits = model(input_ids=step, attention_mask=mask.to(device), position_ids=positions.to(device),
-                           past_key_values=cache, use_cache=True, logits_to_keep=1, **routing,
-                           **_invariant(rt, mask)).logits[:, -1, :].float()  # (B', V)
+            with _kernels(rt, prefill=False):
+                logits = model(input_ids=step, attention_mask=mask.to(device), position_ids=positions.to(device),
+                               past_key_values=cache, use_cache=True, logits_to_keep=1, **routing,
+                               **_invariant(rt, mask)).logits[:, -1, :].float()  # (B', V)
 
 
 def _invariant(rt: AdapterSet, mask: torch.Tensor) -> dict[str, list[int]]:
@@ -266,6 +269,15 @@ def _invariant(rt: AdapterSet, mask: torch.Tensor) -> dict[str, list[int]]:
     from .invariant import ROW_LENGTHS
 
     return {ROW_LENGTHS: mask.sum(dim=-1).tolist()}
+
+
+def _kernels(rt: AdapterSet, prefill: bool) -> contextlib.AbstractContextManager:
+    """Fixed-tile linear layers around a forward, when the set is batch-invariant."""
+    if not rt.batch_invariant:
+        return contextlib.nullcontext()
+    from .invariant import tiles
+
+    return tiles(prefill)
 
 
 def _capped(sampling: Sampling, max_tokens: int) -> Sampling:
