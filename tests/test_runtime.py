@@ -72,13 +72,14 @@ def test_rows_of_different_adapters_in_one_batch_answer_as_each_would_alone(rt):
 def test_streamed_deltas_add_up_to_the_reply_and_end_with_a_finish_reason(rt):
     requests = [ask(rt, "faq-en", "Hi", max_tokens=6), ask(rt, BASE, "What is a building permit?", max_tokens=3)]
     finished = generate(rt, requests)
-    texts, reasons = ["", ""], [None, None]
+    texts, reasons, counts = ["", ""], [None, None], [0, 0]
     for delta in stream(rt, requests):
         assert reasons[delta.row] is None, "no delta after a row's last"
         texts[delta.row] += delta.text
         reasons[delta.row] = delta.finish_reason
+        counts[delta.row] = delta.completion_tokens
     assert texts == [c.text for c in finished]
-    assert reasons == ["length", "length"] and [c.completion_tokens for c in finished] == [6, 3]
+    assert reasons == ["length", "length"] and counts == [c.completion_tokens for c in finished] == [6, 3]
 
 
 def test_a_stop_string_ends_the_reply_before_it(rt):

@@ -85,6 +85,7 @@ class Delta:
     row: int
     text: str
     finish_reason: str | None = None
+    completion_tokens: int = 0  # generated so far, the stop token included (for streamed `usage`)
 
 
 @dataclass
@@ -175,13 +176,13 @@ class _Row:
         ready = len(text) - _held_back(text, self.sampling.stop)
         if ready <= self.sent:
             return None
-        delta = Delta(self.index, text[self.sent:ready])
+        delta = Delta(self.index, text[self.sent:ready], None, len(self.tokens))
         self.sent = ready
         return delta
 
     def _finish(self, reason: str, text: str) -> Delta:
         self.finish = reason
-        delta = Delta(self.index, text[self.sent:], reason)
+        delta = Delta(self.index, text[self.sent:], reason, len(self.tokens))
         self.sent = len(text)
         return delta
 
