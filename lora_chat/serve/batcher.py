@@ -83,7 +83,9 @@ class Batcher:
             if first is None:
                 return
             batch, stop = self._gather(first)
-            batch = [job for job in batch if not job.request.cancelled.is_set()]
+            gone = [job for job in batch if job.request.cancelled.is_set()]  # their clients left while queued
+            self.finished["cancelled"] += len(gone)
+            batch = [job for job in batch if job not in gone]
             if batch:
                 self._run(batch)
             if stop:
