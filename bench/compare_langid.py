@@ -76,7 +76,7 @@ def main() -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_serve import everyday_lines
+    from bench_serve import everyday_lines  # noqa: E402
 
     texts = everyday_lines(min_words=3, max_words=8)
     print(f"{len(texts)} lines: " + ", ".join(f"{lang} {sum(1 for _, l in texts if l == lang)}"

@@ -1,10 +1,8 @@
 """What the chat, serve and router tests share: two tiny adapters trained through `lorachat finetune` (one per
-language and domain, each with its domain profile), and a live server on loopback in a thread."""
+language and domain, each with its domain profile)."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import yaml
@@ -46,29 +44,3 @@ def tiny_adapters(tmp_path_factory) -> tuple[Path, Path, Path]:
         build_tiny_base(base)
     return (base, train_adapter(root, base, "faq-en", EN_ROWS, "en", "construction"),
             train_adapter(root, base, "talk-sv", SV_ROWS, "sv", "smalltalk"))
-
-
-class LiveServer:
-    """uvicorn serving `app` on a free loopback port in a daemon thread; `stop()` shuts it down."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        from lora_chat.serve.app import bind
-
-        self.app = app
-        self.sock = bind("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()

@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from lora_chat.cli import main
-from serve_helpers import LiveServer, tiny_adapters
+from lora_chat.serve.app import BackgroundServer
+from serve_helpers import tiny_adapters
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def rt(adapters):
 def _serve(rt, **options):
     from lora_chat.serve.app import ServeOptions, build_app
 
-    return LiveServer(build_app(rt, ServeOptions(**options)))
+    return BackgroundServer(build_app(rt, ServeOptions(**options)))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import errno
 import hmac
 import logging
 import socket
+import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -154,3 +156,28 @@ def serve(adapters: Sequence[str], options: ServeOptions, *, base: str | None = 
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+class BackgroundServer:
+    """uvicorn serving `app` on a free loopback port in a daemon thread (tests, benchmarks); `stop()` ends it."""
+
+    def __init__(self, app: FastAPI):
+        import uvicorn
+
+        self.app = app
+        self.sock = bind("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start within 60 s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
