@@ -157,7 +157,7 @@ def _finish(reason: str) -> str | None:
 
 
 def _sse(model: Any) -> str:
-    return f"data: {model.model_dump_json(exclude_unset=False)}\n\n"
+    return f"data: {model.model_dump_json()}\n\n"
 
 
 def _sse_error(err: BaseException) -> str:
