@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -11,48 +12,24 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import CHATML, chat, sample_rows, write_jsonl
+from adapter_helpers import finetune_adapter
+from conftest import chat, sample_rows, write_jsonl
 from lora_chat.cli import main
 from lora_chat.evaluate import metrics, stats
-
-
-def build_adapter(root: Path, name: str, base: Path, rows: list[dict], seed: int, facts: dict | None = None) -> Path:
-    """An adapter directory as `lorachat finetune` writes it, with LoRA weights perturbed away from zero."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lora_chat.models import model_facts, resolve_base
-
-    out = root / name
-    data = write_jsonl(root / f"{name}-train.jsonl", rows)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if "lora_B" in param_name:
-                param.normal_(0, 0.5)  # lora_B starts at zero: without this the adapter IS the base
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    (out / "chat_template.jinja").write_text(CHATML, encoding="utf-8")
-    recipe = {"name": name, "base": {"model": str(base), "dtype": "float32"},
-              "data": {"train": [{"path": str(data)}], "eval": {"split": 0.25}, "max_length": 128},
-              "training": {"seed": 42}, "output": {"dir": str(out), "domain": "construction", "language": "en"}}
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    facts = facts or {"model_id": str(base), **model_facts(resolve_base(str(base)))}
-    (out / "README.md").write_text(f"---\nlibrary_name: peft\nbase_model: {base}\n---\n\n# {name}\n", encoding="utf-8")
-    # Written last, as `adapters.finish` does: a folder with a manifest is whole.
-    (out / "manifest.json").write_text(json.dumps({"format": 1, "name": name, "base": facts}), encoding="utf-8")
-    return out
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_base) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    faq = build_adapter(root, "faq-en", tiny_base, sample_rows(12), seed=1)
+    faq = finetune_adapter(root, "faq-en", tiny_base, sample_rows(12), seed=1)
     hello = [chat(f"Hello {i}!", f"Hello! How can I help you today? ({i})") for i in range(12)]
-    return faq, build_adapter(root, "hello-en", tiny_base, hello, seed=2)
+    return faq, finetune_adapter(root, "hello-en", tiny_base, hello, seed=2)
+
+
+@pytest.fixture
+def own_copy(adapters, tmp_path) -> Path:
+    """A private copy of the first adapter, for tests that read what eval writes into it."""
+    return Path(shutil.copytree(adapters[0], tmp_path / "faq-en"))
 
 
 def run_cli(*args: str):
@@ -93,45 +70,47 @@ def test_bootstrap_is_seeded_and_brackets_the_token_weighted_ratio():
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_base):
-    from transformers import AutoModelForCausalLM
+def base_only(tiny_base):
+    from lora_chat.runtime import AdapterSet
 
-    from lora_chat.models import load_tokenizer, resolve_base
-    from lora_chat.templates import ChatTemplate
-
-    tokenizer = load_tokenizer(resolve_base(str(tiny_base)))
-    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
-    return model, tokenizer, ChatTemplate(CHATML, tokenizer, "chatml")
+    return AdapterSet.open(base=str(tiny_base))
 
 
-def test_batched_loss_equals_the_models_own_loss_per_sample(tiny):
-    """Padding and batching change nothing: each sample's loss is what HF computes on it alone."""
+def test_batched_loss_equals_the_models_own_loss_per_sample(base_only):
+    """Padding, batching and the chunked head change nothing: each sample's loss is what HF computes alone."""
     import torch
 
     from lora_chat.data.formats import to_conversation
     from lora_chat.errors import Where
-    from lora_chat.evaluate.loss import sample_losses
+    from lora_chat.evaluate import loss
 
-    model, tokenizer, template = tiny
+    rt = base_only
+    template = rt.get("base").template
     rows = [chat("Hi", "Hello!"), chat("How long does a building permit take?", "Ten weeks, by statute.")]
     encoded = [template.encode(to_conversation(r, "messages", Where("x", i))) for i, r in enumerate(rows)]
-    got = sample_losses(model, encoded, tokenizer.pad_token_id, batch_size=2)
+    chunk = loss.HEAD_CHUNK
+    try:
+        loss.HEAD_CHUNK = 3  # several head chunks per batch, and a chunk split across rows
+        got = loss.sample_losses(rt, ["base", "base"], encoded, batch_size=2)
+    finally:
+        loss.HEAD_CHUNK = chunk
     for (nll, count), e in zip(got, encoded):
         with torch.no_grad():
-            expected = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss
+            expected = rt.model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss
         assert count == e.trained
         assert nll / count == pytest.approx(float(expected), rel=1e-4)
 
 
-def test_batched_greedy_generation_matches_one_prompt_at_a_time(tiny):
-    from lora_chat.evaluate.generate import Decoding, generate_batched
+def test_greedy_replies_do_not_depend_on_batch_size_or_data_order(base_only):
+    from lora_chat.evaluate.generate import Decoding, generate_replies
 
-    model, tokenizer, _ = tiny
-    prompts = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
-               for q in ("Hi", "How long does a building permit take in the municipality?", "Vad är bygglov?")]
-    batched = generate_batched(model, tokenizer, prompts, Decoding(max_new_tokens=8, batch_size=3))
-    single = [generate_batched(model, tokenizer, [p], Decoding(max_new_tokens=8, batch_size=1))[0] for p in prompts]
-    assert batched == single
+    rt = base_only
+    questions = ["Hi", "How long does a building permit take in the municipality?", "Vad är bygglov?",
+                 "What is a building permit?", "Goodbye and thank you."]
+    jobs = [("base", i, rt.render("base", [{"role": "user", "content": q}])) for i, q in enumerate(questions)]
+    alone = generate_replies(rt, jobs, Decoding(max_new_tokens=8, batch_size=1))
+    assert generate_replies(rt, jobs, Decoding(max_new_tokens=8, batch_size=5)) == alone
+    assert generate_replies(rt, jobs[::-1], Decoding(max_new_tokens=8, batch_size=3)) == alone[::-1]
 
 
 # ---------------------------------------------------------------- the command
@@ -161,12 +140,12 @@ def test_eval_writes_markdown_and_self_contained_html(adapters, tmp_path):
     assert "src=\"http" not in page and "<script" not in page
 
 
-def test_eval_summary_goes_into_the_adapters_metrics_and_model_card(adapters, tmp_path):
-    run_cli(str(adapters[0]), "--out", str(tmp_path))
-    summary = json.loads((adapters[0] / "metrics.json").read_text())["eval"]
+def test_eval_summary_goes_into_the_adapters_metrics_and_model_card(own_copy, tmp_path):
+    run_cli(str(own_copy), "--out", str(tmp_path / "out"))
+    summary = json.loads((own_copy / "metrics.json").read_text())["eval"]
     assert summary["perplexity"] > 1 and len(summary["ci95"]["perplexity"]) == 2
     assert set(summary["by_dataset"]) == {"faq-en:eval"}
-    card = (adapters[0] / "README.md").read_text()
+    card = (own_copy / "README.md").read_text()
     index = yaml.safe_load(card.split("---")[1])["model-index"][0]
     eval_result = next(r for r in index["results"] if "eval" in r["dataset"]["name"])
     assert {"perplexity", "chrf", "rouge_l"} <= {m["type"] for m in eval_result["metrics"]}
@@ -198,15 +177,78 @@ def test_data_without_assistant_turns_is_a_clear_error(adapters, tmp_path):
     assert "no conversation has an assistant reply" in result.output
 
 
-def test_adapter_from_another_base_fails_in_one_line_before_weights_load(adapters, tiny_base, tmp_path, monkeypatch):
-    from lora_chat.evaluate import run
+def test_adapter_from_another_base_fails_in_one_line_before_weights_load(own_copy, tiny_base, monkeypatch):
+    from lora_chat.runtime import adapter_set
 
-    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
-    other = build_adapter(tmp_path, "other", tiny_base, sample_rows(4), seed=3,
-                          facts={"model_id": "other/model", "architecture": "LlamaForCausalLM", "hidden_size": 4096})
-    result = run_cli(str(other), "--base", str(tiny_base))
+    monkeypatch.setattr(adapter_set, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    manifest = json.loads((own_copy / "manifest.json").read_text())
+    manifest["base"].update(model_id="other/model", hidden_size=4096)
+    (own_copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(str(own_copy), "--base", str(tiny_base))
     assert result.exit_code == 2
-    assert "hidden_size" in result.output and len(result.output.strip().splitlines()) == 1
+    assert "hidden_size 4096 != 32" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_adapter_directory_without_a_manifest_is_a_one_line_error(own_copy):
+    (own_copy / "manifest.json").unlink()
+    result = run_cli(str(own_copy))
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {own_copy}: not a complete lorachat adapter: no manifest.json " \
+                                    f"(an unfinished or foreign run?)"
+
+
+def test_report_records_dtype_batch_size_and_that_replies_are_batch_invariant(adapters, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(3))
+    assert run_cli(str(adapters[0]), "--data", str(data), "--batch-size", "4", "--out", str(tmp_path)).exit_code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["generation"] == {"dtype": "float32", "batch_size": 4, "batch_invariant": True}
+    assert "batch-invariant: a greedy reply does not depend on the batch" in (tmp_path / "report.md").read_text()
+
+
+def test_fast_trades_invariance_back_and_the_report_says_so(adapters, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(3))
+    assert run_cli(str(adapters[0]), "--data", str(data), "--fast", "--out", str(tmp_path)).exit_code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["generation"]["batch_invariant"] is False
+    assert any("the generation metrics depend on batching" in n for n in report["notes"])
+    assert "NOT batch-invariant (--fast)" in (tmp_path / "report.md").read_text()
+
+
+def test_a_merged_model_folder_is_compared_beside_its_adapter(adapters, tiny_base, tmp_path):
+    """The adapter merged into the base (what `lorachat merge` writes) scores as the adapter does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = tmp_path / "faq-merged"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(adapters[0]))
+    model.merge_and_unload().save_pretrained(merged)
+    AutoTokenizer.from_pretrained(adapters[0]).save_pretrained(merged)
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(3))
+    result = run_cli(str(adapters[0]), "--model", str(merged), "--data", str(data), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    rows = {m["name"]: m for m in json.loads((tmp_path / "o" / "report.json").read_text())["models"]}
+    assert list(rows) == ["base", "faq-en", "faq-merged"] and rows["faq-merged"]["kind"] == "merged"
+    assert rows["faq-merged"]["loss"]["value"] == pytest.approx(rows["faq-en"]["loss"]["value"], abs=1e-3)
+    assert rows["faq-merged"]["loss"]["value"] != pytest.approx(rows["base"]["loss"]["value"], abs=1e-3)
+
+
+def test_an_adapter_passed_as_a_merged_model_is_refused(adapters, tmp_path):
+    result = run_cli(str(adapters[0]), "--model", str(adapters[1]))
+    assert result.exit_code == 2
+    assert "this is an adapter, not a merged model: pass it as an ADAPTER argument" in result.output
+
+
+def test_an_interval_whose_lower_bound_is_zero_is_drawn_to_zero():
+    """Old behaviour: a 95% interval [0, 30] was drawn as no interval below the bar (0 read as missing)."""
+    from lora_chat.evaluate.report import _bars
+
+    class Axes:
+        def bar(self, xs, values, width, yerr, **kwargs):
+            self.yerr = yerr
+
+    ax = Axes()
+    _bars(ax, [0, 1], [{"value": 10.0, "ci95": [0.0, 30.0]}, {"value": 5.0, "ci95": [None, None]}], 0, 0.2, "m")
+    assert ax.yerr == [[10.0, 0.0], [20.0, 0.0]]
 
 
 # ---------------------------------------------------------------- the judge

@@ -14,6 +14,8 @@ from .main import console, err_console, main, report_errors
 @click.option("--data", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Held-out data file (repeatable: adapter x dataset matrix). Default: each adapter's eval split.")
 @click.option("--base", help="Base model (hub id or folder). Default: the one the first adapter was trained on.")
+@click.option("--model", "models", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A merged model folder (e.g. from `lorachat merge`) compared as one more model (repeatable).")
 @click.option("--max-samples", type=click.IntRange(min=1), help="Evaluate at most N conversations per dataset.")
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1),
               help="Longest generated reply.")
@@ -21,13 +23,16 @@ from .main import console, err_console, main, report_errors
               help="0 = greedy decoding; above 0 = sampling, seeded by --seed.")
 @click.option("--seed", default=0, show_default=True, help="Seed for sampling and bootstrap intervals.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Prompts per generate call.")
+              help="Rows per generation batch (rows of every model share batches).")
+@click.option("--fast", is_flag=True,
+              help="Stock attention kernels: a little faster, but a greedy reply may then depend on the batch "
+                   "(the report says so).")
 @click.option("--judge-url", help="OpenAI-compatible endpoint for a pairwise judge (e.g. http://127.0.0.1:8000/v1).")
 @click.option("--judge-model", help="Model name to ask the judge endpoint for.")
 @click.option("--out", default="eval", show_default=True, type=click.Path(file_okay=False),
               help="Directory for report.json, report.md and report.html.")
 @report_errors
-def eval_(adapters, data, base, max_samples, max_new_tokens, temperature, seed, batch_size, judge_url,
+def eval_(adapters, data, base, models, max_samples, max_new_tokens, temperature, seed, batch_size, fast, judge_url,
           judge_model, out) -> None:
     """Base vs adapters on the same held-out conversations: loss, generation metrics, judge, reports."""
     from rich.table import Table
@@ -38,9 +43,9 @@ def eval_(adapters, data, base, max_samples, max_new_tokens, temperature, seed, 
     from ..evaluate.run import EvalOptions, run_eval
 
     decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
-    options = EvalOptions(tuple(map(Path, adapters)), tuple(map(Path, data)), base, max_samples, decoding,
-                          judge_url, judge_model, Path(out), seed)
-    report = run_eval(options, say=lambda line: err_console.out(line))
+    options = EvalOptions(tuple(map(Path, adapters)), tuple(map(Path, data)), base, tuple(map(Path, models)),
+                          max_samples, decoding, fast, judge_url, judge_model, Path(out), seed)
+    report = run_eval(options, say=lambda line: err_console.out(line), console=err_console)
     header, rows = summary_table(report, intervals=False)
     table = Table(*header, title=f"pooled over all datasets; loss with bootstrap 95% CI; "
                                  f"wins on {PRIMARY}; intervals for all: {options.out / 'report.md'}")

@@ -9,6 +9,7 @@ never built.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,14 +24,15 @@ HEAD_CHUNK = 1024  # trained positions per head matmul: (1024, V) fp32 is 200 MB
 
 
 @torch.inference_mode()
-def sample_losses(rt: AdapterSet, names: list[str], samples: list[Encoded],
-                  batch_size: int = 8) -> list[tuple[float, int]]:
+def sample_losses(rt: AdapterSet, names: list[str], samples: list[Encoded], batch_size: int = 8,
+                  done: Callable[[int], None] = lambda n: None) -> list[tuple[float, int]]:
     """(summed NLL over trained tokens, trained token count) per sample, in input order.
 
     Row i runs through resident `names[i]` (the base or an adapter); rows of different adapters share
     a batch. Sums, not means, so the caller can weight by tokens as training's eval loss does and
     still resample whole samples for a confidence interval. Rows are training's own unpacked rows
     and collator (per-sample shifted targets, right padding that causal attention never sees).
+    `done(n)` is called after each batch with the number of samples finished so far.
     """
     model = rt.model
     device = next(model.parameters()).device
@@ -63,6 +65,7 @@ def sample_losses(rt: AdapterSet, names: list[str], samples: list[Encoded],
                 counted = (target != IGNORE).sum(dim=1)  # (B,)
                 for row, i in enumerate(rows):
                     results[i] = (float(nll[row]), int(counted[row]))
+                done(len(results))
     finally:
         hook.remove()
     return [results[i] for i in range(len(samples))]

@@ -55,9 +55,10 @@ class DatasetResult:
 @dataclass
 class ModelInfo:
     name: str
-    path: str | None = None  # adapter directory; None for the base
+    path: str | None = None  # adapter directory or merged model folder; None for the base
     domain: str | None = None
     language: str | None = None
+    kind: str = "adapter"  # or "merged": a whole model folder (`eval --model`)
 
 
 def build_report(models: list[ModelInfo], datasets: list[DatasetResult], seed: int, meta: dict) -> dict:
@@ -65,7 +66,7 @@ def build_report(models: list[ModelInfo], datasets: list[DatasetResult], seed: i
     for model in models:
         row: dict[str, Any] = {"name": model.name}
         if model.path:
-            row.update(path=model.path, domain=model.domain, language=model.language)
+            row.update(kind=model.kind, path=model.path, domain=model.domain, language=model.language)
         cells = [(d, d.cells[model.name]) for d in datasets]
         row.update(_summary(_pool([c for _, c in cells]), _pool([d.cells[BASE] for d in datasets]), model, seed))
         row["by_dataset"] = {d.name: _summary(c, d.cells[BASE], model, seed) for d, c in cells}
@@ -210,11 +211,22 @@ def _notes(report: dict) -> list[str]:
     return notes
 
 
+def generation_line(report: dict) -> str:
+    """How the replies were generated, and whether they depend on the batch they ran in."""
+    g = report.get("generation") or {}
+    if not g:
+        return ""
+    invariant = ("batch-invariant: a greedy reply does not depend on the batch size or the other prompts"
+                 if g["batch_invariant"] else
+                 "NOT batch-invariant (--fast): greedy replies, and so the generation metrics, depend on batching")
+    return f"Generation: {g['dtype']}, batch size {g['batch_size']}, {invariant}."
+
+
 def to_markdown(report: dict) -> str:
     parts = [f"# Eval: {', '.join(m['name'] for m in report['models'][1:])} vs base",
              f"Base `{report['base']['model_id']}`; {sum(d['samples'] for d in report['datasets'])} samples; "
              f"values are means with bootstrap 95% intervals; metrics 0-100; win/tie/loss on {PRIMARY} "
-             f"per sample against the base.",
+             f"per sample against the base. {generation_line(report)}",
              _md_table(*summary_table(report)),
              "## Per dataset", _md_table(*matrix_table(report))]
     notes = _notes(report)
@@ -255,7 +267,8 @@ def to_html(report: dict) -> str:
              "pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>lorachat eval</title><style>{style}</style>"
             f"</head><body><h1>Eval against base {html.escape(report['base']['model_id'])}</h1>"
-            f"<p>Means with bootstrap 95% intervals; metrics 0-100; win/tie/loss on {PRIMARY} per sample.</p>"
+            f"<p>Means with bootstrap 95% intervals; metrics 0-100; win/tie/loss on {PRIMARY} per sample. "
+            f"{html.escape(generation_line(report))}</p>"
             + table(*summary_table(report)) + "<h2>Per dataset</h2>" + table(*matrix_table(report))
             + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "")
             + f"<h2>Plots</h2>{plots}<h2>Samples</h2>{''.join(samples)}</body></html>\n")
@@ -299,8 +312,9 @@ def _plots(report: dict) -> list[tuple[str, str]]:
 
 def _bars(ax: Any, xs: Any, estimates: list[dict], offset: float, width: float, label: str) -> None:
     values = [e["value"] or 0.0 for e in estimates]
-    errors = [[max(0.0, v - (e["ci95"][0] or v)) for v, e in zip(values, estimates)],
-              [max(0.0, (e["ci95"][1] or v) - v) for v, e in zip(values, estimates)]]
+    # A bound of 0 is a bound (an interval [0, 12] on exact match), only None means "no interval".
+    errors = [[max(0.0, v - (v if e["ci95"][0] is None else e["ci95"][0])) for v, e in zip(values, estimates)],
+              [max(0.0, (v if e["ci95"][1] is None else e["ci95"][1]) - v) for v, e in zip(values, estimates)]]
     ax.bar([x + offset for x in xs], values, width, yerr=errors, capsize=3, label=label)
 
 

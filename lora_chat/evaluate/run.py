@@ -1,40 +1,45 @@
 """`lorachat eval`: the base and every adapter on the same held-out conversations, side by side.
 
     lorachat eval adapters/faq-en adapters/faq-sv --data other.jsonl --out eval/
+    lorachat eval adapters/faq-en --model merged/faq-en        # a merged model folder beside them
 
 Order matters and reads top to bottom in `run_eval`:
-  1. read each adapter's directory and recipe, resolve the base and check every adapter was
-     trained on it (from config.json alone: a mismatch fails in a second, before any weights load);
+  1. plan the runtime (`SetPlan`): read each adapter's directory and recipe, resolve the base and check
+     every adapter (and every `--model` folder) against it from config.json alone: a mismatch fails in
+     a second, before any weights load;
   2. gather the datasets (each `--data` file, else each adapter's own eval split, re-derived from
      its recipe by the same seeded split training used) and encode them with the training masks;
-  3. load the base once and attach every adapter by name (PEFT), so switching is a pointer swap;
-  4. per dataset and model: loss under the masks, then batched generation and text metrics;
+  3. load the runtime (the base once, every adapter by name);
+  4. per dataset: loss under the masks and greedy (or seeded) replies, rows of every model mixed in the
+     same batches; replies do not depend on the batch unless `--fast` (the report records which);
+     then each `--model` folder the same way, one at a time, after the runtime is released;
   5. the optional judge, then report.json/.md/.html and a summary in each adapter's metrics.json.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..adapters import AdapterInfo, check_compatible, read_adapter, update_metrics
+from ..adapters import COMPAT_KEYS, update_metrics
 from ..data import Conversation
 from ..data.loading import SourceReport, load_data, read_conversations
 from ..encoding import encode_split
 from ..errors import DataError, LorachatError, Where
-from ..models import ResolvedBase, load_model, load_tokenizer, model_facts, resolve_base
-from ..recipe import LoadedRecipe, Source, load_recipe
-from ..templates import ChatTemplate, load_template
-from .generate import Decoding, generate_batched
+from ..models import model_facts, resolve_base
+from ..progress import Progress
+from ..recipe import Source
+from ..runtime import BASE, AdapterSet, OpenedAdapter, SetPlan
+from ..templates import ChatTemplate
+from .generate import Decoding, generate_replies
 from .judge import Judge, JudgeResult
 from .loss import sample_losses
 from .metrics import score
-from .report import BASE, Cell, DatasetResult, ModelInfo, build_report, write_reports
-
+from .report import Cell, DatasetResult, ModelInfo, build_report, write_reports
 
 LOSS_BATCH = 8
 
@@ -44,8 +49,10 @@ class EvalOptions:
     adapters: tuple[Path, ...]
     data: tuple[Path, ...] = ()
     base: str | None = None  # default: the base the first adapter was trained on
+    models: tuple[Path, ...] = ()  # merged model folders, each compared as a model of its own
     max_samples: int | None = None
     decoding: Decoding = field(default_factory=Decoding)
+    fast: bool = False  # stock attention kernels: a little faster, replies may depend on the batch
     judge_url: str | None = None
     judge_model: str | None = None
     out: Path = Path("eval")
@@ -53,68 +60,123 @@ class EvalOptions:
 
 
 @dataclass
-class _Adapter:
-    info: AdapterInfo
-    loaded: LoadedRecipe
-    template: ChatTemplate | None = None
-    peft_name: str = ""  # PEFT module keys cannot hold '.', so adapters are attached as a0, a1, ...
+class _Source:
+    """What one dataset is read and encoded with: an adapter's template and data settings."""
+
+    adapter: OpenedAdapter
+    template: ChatTemplate
 
 
-def run_eval(options: EvalOptions, say: Callable[[str], None] = print) -> dict:
-    """Evaluate, write the reports into `options.out`, update each adapter's metrics; return report.json's data."""
+def run_eval(options: EvalOptions, say: Callable[[str], None] = print, console: Any = None) -> dict:
+    """Evaluate, write the reports into `options.out`, update each adapter's metrics; return report.json's data.
+
+    `console` (a rich Console) shows progress: a bar in a terminal, plain timed lines elsewhere.
+    """
     if bool(options.judge_url) != bool(options.judge_model):
         raise LorachatError("--judge-url and --judge-model go together", Where(field="--judge-url"))
-    adapters = [_open_adapter(Path(p), i) for i, p in enumerate(options.adapters)]
-    base = _resolve_and_check(options.base or adapters[0].info.base_model, adapters)
-    if base.note:
-        say(f"note: {base.note}")
-    tokenizer = load_tokenizer(base)
-    for adapter in adapters:
-        adapter.template = _template_of(adapter, tokenizer)
-    datasets, encoded = _datasets(adapters, options, say)
+    plan = SetPlan.make(options.adapters, base=options.base)
+    merged = _check_merged(options.models, plan)
+    tokenizer = plan.tokenizer()
+    for a in plan.adapters:
+        if a.loaded is None:
+            raise LorachatError("no recipe.yaml: eval encodes data with the adapter's own template and data "
+                                "settings, which a lorachat adapter records there", Where(a.info.path))
+    sources = {a.name: _Source(a, a.template(tokenizer)) for a in plan.adapters}
+    datasets, encoded = _datasets(plan.adapters, sources, options, say)
 
-    model = _load_with_adapters(base, adapters)
+    rt = plan.load(tokenizer, batch_invariant=not options.fast, say=say)
     models = [ModelInfo(BASE)] + [
-        ModelInfo(a.info.name, str(a.info.path), a.loaded.recipe.output.domain, a.loaded.recipe.output.language)
-        for a in adapters]
-    switch = {BASE: None, **{a.info.name: a.peft_name for a in adapters}}
-    judge = Judge(options.judge_url, options.judge_model) if options.judge_url else None
-    judge_failed: JudgeResult | None = None  # once failed, not asked again: an unreachable one costs a timeout
-    for dataset, samples in zip(datasets, encoded):
-        for info in models:
-            say(f"{dataset.name}: {info.name} on {len(samples)} samples")
-            with _active(model, switch[info.name]):
-                losses = sample_losses(model, samples, tokenizer.pad_token_id, LOSS_BATCH)
-                replies = generate_batched(model, tokenizer, dataset.prompts, options.decoding)
-            dataset.cells[info.name] = Cell([n for n, _ in losses], [t for _, t in losses], replies,
-                                            [score(r, ref) for r, ref in zip(replies, dataset.references)])
-        if judge is not None:
-            base_replies = dataset.cells[BASE].replies
-            for info in models[1:]:
-                cell = dataset.cells[info.name]
-                if judge_failed is not None:
-                    cell.judge = judge_failed
-                    continue
-                say(f"{dataset.name}: judging {info.name} against base")
-                cell.judge = judge.compare(dataset.prompts, dataset.references, base_replies, cell.replies)
-                if cell.judge.status != "ok":
-                    judge_failed = JudgeResult("failed", cell.judge.reason)
-                    say(f"warning: judge failed ({cell.judge.reason}); every other metric is kept")
+        ModelInfo(r.name, str(r.path), r.domain, r.language) for r in rt.adapters] + [
+        ModelInfo(path.name, str(path), kind="merged") for path in merged]
+    generation = {"dtype": rt.dtype, "batch_size": options.decoding.batch_size,
+                  "batch_invariant": rt.batch_invariant}
+    _evaluate(rt, rt.names, datasets, encoded, options.decoding, console)
+    del rt  # one model in memory at a time: the merged folders are whole models
+    gc.collect()
+    for path in merged:
+        other = AdapterSet.open(base=str(path), dtype=plan.dtype, batch_invariant=not options.fast, say=say)
+        _evaluate(other, [BASE], datasets, encoded, options.decoding, console, rename={BASE: path.name})
+        del other
+        gc.collect()
 
+    judge = Judge(options.judge_url, options.judge_model) if options.judge_url else None
+    if judge is not None:
+        _judge(judge, models, datasets, say)
+    if not options.fast:
+        notes = []
+    else:
+        notes = ["--fast: generation ran with the stock attention kernels, so a greedy reply may change with "
+                 "--batch-size and with the other prompts in its batch; the generation metrics depend on batching"]
+    base = plan.base
     meta = {"lorachat": __version__, "seed": options.seed,
             "base": {"model_id": base.model_id, "revision": base.revision, "source": base.source},
-            "decoding": vars(options.decoding),
+            "decoding": vars(options.decoding), "generation": generation,
             "judge": {"url": judge.url, "model": judge.model} if judge else None,
-            "notes": [base.note] if base.note else []}
+            "notes": plan.notes + ([base.note] if base.note else []) + notes}
     report = build_report(models, datasets, options.seed, meta)
     for path in write_reports(report, Path(options.out)):
         say(f"wrote {path}")
-    for adapter, row in zip(adapters, report["models"][1:]):
-        update_metrics(adapter.info.path, "eval", _card_summary(row, base))
+    for adapter, row in zip(plan.adapters, report["models"][1:]):
+        update_metrics(adapter.info.path, "eval", _card_summary(row, base.model_id))
     return report
 
 
-def _card_summary(row: dict, base: ResolvedBase) -> dict:
+def _evaluate(rt: AdapterSet, names: list[str], datasets: list[DatasetResult], encoded: list[list],
+              decoding: Decoding, console: Any, rename: dict[str, str] | None = None) -> None:
+    """Loss and replies of every resident in `names` on every dataset, rows of all of them in the same
+    batches; results land in each dataset's cells under the model's report name."""
+    rename = rename or {}
+    for dataset, samples in zip(datasets, encoded):
+        rows = len(names) * len(samples)
+        label = f"eval {dataset.name}" + (f" ({rename[BASE]})" if BASE in rename else "")
+        with _progress(console, label, 2 * rows) as progress:
+            losses = sample_losses(rt, [n for n in names for _ in samples], samples * len(names), LOSS_BATCH,
+                                   done=lambda n: progress.update(n, {"stage": "loss"}))
+            jobs = [(n, i, p) for n in names for i, p in enumerate(dataset.prompts)]
+            replies = generate_replies(rt, jobs, decoding,
+                                       done=lambda n: progress.update(rows + n, {"stage": "generate"}))
+        for k, name in enumerate(names):
+            part = slice(k * len(samples), (k + 1) * len(samples))
+            texts = replies[part]
+            dataset.cells[rename.get(name, name)] = Cell(
+                [n for n, _ in losses[part]], [t for _, t in losses[part]], texts,
+                [score(r, ref) for r, ref in zip(texts, dataset.references)])
+
+
+class _Silent:
+    """Progress when no console was given (the API, tests)."""
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def _progress(console: Any, label: str, total: int) -> Progress | _Silent:
+    return Progress(console, label, total) if console is not None else _Silent()
+
+
+def _judge(judge: Judge, models: list[ModelInfo], datasets: list[DatasetResult], say: Callable[[str], None]) -> None:
+    failed: JudgeResult | None = None  # once failed, not asked again: an unreachable one costs a timeout
+    for dataset in datasets:
+        base_replies = dataset.cells[BASE].replies
+        for info in models[1:]:
+            cell = dataset.cells[info.name]
+            if failed is not None:
+                cell.judge = failed
+                continue
+            say(f"{dataset.name}: judging {info.name} against base")
+            cell.judge = judge.compare(dataset.prompts, dataset.references, base_replies, cell.replies)
+            if cell.judge.status != "ok":
+                failed = JudgeResult("failed", cell.judge.reason)
+                say(f"warning: judge failed ({cell.judge.reason}); every other metric is kept")
+
+
+def _card_summary(row: dict, base_id: str) -> dict:
     """An adapter's row for its metrics.json: plain numbers first (the card's results table and
     model-index take top-level numbers only), intervals and the per-dataset matrix beside them."""
     flat = {"loss": row["loss"]["value"], "perplexity": row["perplexity"]["value"],
@@ -124,60 +186,54 @@ def _card_summary(row: dict, base: ResolvedBase) -> dict:
     judge = row.get("judge")
     if judge and judge["status"] == "ok":
         flat["judge_win_rate"] = judge["win_rate"]["value"]
-    return {"base": base.model_id, "samples": row["samples"], **flat,
+    return {"base": base_id, "samples": row["samples"], **flat,
             "ci95": {"loss": row["loss"]["ci95"], "perplexity": row["perplexity"]["ci95"],
                      **{k: v["ci95"] for k, v in row["metrics"].items()}},
             "judge": judge, "by_dataset": row["by_dataset"]}
 
 
-# ---------------------------------------------------------------- 1. adapters and base
+# ---------------------------------------------------------------- 1. merged models
 
 
-def _open_adapter(path: Path, index: int) -> _Adapter:
-    info = read_adapter(path)
-    recipe_path = Path(info.path) / "recipe.yaml"
-    return _Adapter(info, load_recipe(recipe_path), peft_name=f"a{index}")
-
-
-def _resolve_and_check(model: str, adapters: list[_Adapter]) -> ResolvedBase:
-    """The base on disk, and every adapter checked against its config.json before weights load."""
-    # Config and tokenizer first: for the bundled model, exporting the weights alone takes ~20 s.
-    facts = model_facts(resolve_base(model, need_weights=False))
-    for adapter in adapters:
-        check_compatible(adapter.info, facts)
-    names = [a.info.name for a in adapters]
-    clash = {n for n in names if names.count(n) > 1 or n == BASE}
-    if clash:
-        raise LorachatError(f"adapter names must be unique and not '{BASE}': rename the directory "
-                            f"{', '.join(sorted(clash))}", Where(field="ADAPTER"))
-    return resolve_base(model, need_weights=True)
-
-
-def _template_of(adapter: _Adapter, tokenizer: Any) -> ChatTemplate:
-    """The exact template the adapter was trained with (its chat_template.jinja), else its recipe's."""
-    saved = Path(adapter.info.path) / "chat_template.jinja"
-    if saved.is_file():
-        return ChatTemplate(saved.read_text(encoding="utf-8"), tokenizer, f"{adapter.info.name}/{saved.name}",
-                            adapter.loaded.recipe.template.system)
-    return load_template(adapter.loaded, tokenizer)
+def _check_merged(paths: tuple[Path, ...], plan: SetPlan) -> list[Path]:
+    """Each `--model` folder must be a whole model of the base's shape and vocabulary (the samples are
+    encoded once, with the base's tokenizer), and its name must not clash with another model's."""
+    facts = model_facts(plan.base)
+    names = [BASE, *(a.name for a in plan.adapters)]
+    out = []
+    for path in paths:
+        path = Path(path)
+        where = Where(path, None, "--model")
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            raise LorachatError("this is an adapter, not a merged model: pass it as an ADAPTER argument", where)
+        other = model_facts(resolve_base(str(path), need_weights=True))
+        diffs = [f"{key} {other.get(key)} != {facts.get(key)}" for key in COMPAT_KEYS if other.get(key) != facts.get(key)]
+        if diffs:
+            raise LorachatError(f"not a model of the base {plan.base.model_id}: {', '.join(diffs)}", where)
+        if path.name in names:
+            raise LorachatError(f"the name {path.name!r} is taken by another model in this comparison; "
+                                f"rename the folder", where)
+        names.append(path.name)
+        out.append(path)
+    return out
 
 
 # ---------------------------------------------------------------- 2. datasets
 
 
-def _datasets(adapters: list[_Adapter], options: EvalOptions,
+def _datasets(adapters: list[OpenedAdapter], sources_by_name: dict[str, _Source], options: EvalOptions,
               say: Callable[[str], None]) -> tuple[list[DatasetResult], list[list]]:
     """Datasets with prompts and references, and their samples encoded under training's masks.
 
     `--data` files are encoded with the first adapter's template and data settings; an adapter's
     own eval split with its own.
     """
-    sources: list[tuple[str, str, str | None, list[Conversation], _Adapter]] = []
+    sources: list[tuple[str, str, str | None, list[Conversation], _Source]] = []
     if options.data:
         used: set[str] = set()
         for path in options.data:
             name = _unique(Path(path).stem, used)
-            sources.append((name, str(path), None, _read_file(Path(path)), adapters[0]))
+            sources.append((name, str(path), None, _read_file(Path(path)), sources_by_name[adapters[0].name]))
     else:
         for adapter in adapters:
             try:
@@ -190,7 +246,7 @@ def _datasets(adapters: list[_Adapter], options: EvalOptions,
                 raise DataError("this adapter's recipe holds out no eval split; pass --data FILE",
                                 Where(adapter.info.path, None, "data.eval"))
             sources.append((f"{adapter.info.name}:eval", "recipe.yaml data.eval", adapter.info.name,
-                            held_out, adapter))
+                            held_out, sources_by_name[adapter.name]))
 
     results, encoded = [], []
     for name, source, home, conversations, adapter in sources:
@@ -221,7 +277,7 @@ def _read_file(path: Path) -> list[Conversation]:
     raise DataError("no rows", Where(path))
 
 
-def _prepare(name: str, source: str, home: str | None, conversations: list[Conversation], adapter: _Adapter,
+def _prepare(name: str, source: str, home: str | None, conversations: list[Conversation], adapter: _Source,
              max_samples: int | None) -> tuple[DatasetResult, list]:
     notes = []
     if max_samples is not None:
@@ -233,7 +289,7 @@ def _prepare(name: str, source: str, home: str | None, conversations: list[Conve
     kept, origins, prompts, references, samples = [], [], [], [], []
     for conversation in conversations:
         # One at a time so each encoded sample stays paired with its conversation (encode_split drops rows).
-        encoded, _ = encode_split([conversation], adapter.template, adapter.loaded, problems=problems)
+        encoded, _ = encode_split([conversation], adapter.template, adapter.adapter.loaded, problems=problems)
         if not encoded:
             continue
         samples.append(encoded[0])
@@ -243,7 +299,7 @@ def _prepare(name: str, source: str, home: str | None, conversations: list[Conve
         kept.append(conversation)
     dropped = len(conversations) - len(kept)
     if dropped:
-        max_length = adapter.loaded.recipe.data.max_length
+        max_length = adapter.adapter.loaded.recipe.data.max_length
         notes.append(f"{dropped} conversations left out: too long (max_length {max_length}) or no trained "
                      f"tokens under the template" + (f"; e.g. {problems[0]}" if problems else ""))
     if not kept:
@@ -259,30 +315,3 @@ def _unique(name: str, used: set[str]) -> str:
         candidate = f"{name}-{n}"
     used.add(candidate)
     return candidate
-
-
-# ---------------------------------------------------------------- 3. one base, many adapters
-
-
-def _load_with_adapters(base: ResolvedBase, adapters: list[_Adapter]) -> Any:
-    from peft import PeftModel
-
-    first = adapters[0].loaded.recipe.base
-    model = load_model(base, dtype=first.dtype, quantization=first.quantization, for_training=False)
-    peft = PeftModel.from_pretrained(model, str(adapters[0].info.path), adapter_name=adapters[0].peft_name)
-    for adapter in adapters[1:]:
-        peft.load_adapter(str(adapter.info.path), adapter_name=adapter.peft_name)
-    peft.eval()
-    return peft
-
-
-@contextlib.contextmanager
-def _active(model: Any, peft_name: str | None) -> Iterator[None]:
-    """Run the base (every adapter off) or exactly one adapter, without reloading anything."""
-    if peft_name is None:
-        with model.disable_adapter():
-            yield
-    else:
-        model.set_adapter(peft_name)
-        yield
-

@@ -133,9 +133,9 @@ class SetPlan:
         model = load_model(resolved, dtype=self.dtype, quantization=self.quantization,
                            trust_remote_code=self.trust_remote_code, for_training=False)
         if batch_invariant:
-            from .invariant import use_invariant_attention
+            from .invariant import use_invariant_kernels
 
-            use_invariant_attention(model)
+            use_invariant_kernels(model)
         rt = AdapterSet(resolved, model, tokenizer, dtype=str(model.dtype).removeprefix("torch."),
                         quantization=self.quantization, batch_invariant=batch_invariant, notes=notes)
         for o in self.adapters:
@@ -247,10 +247,7 @@ class AdapterSet:
 
         self._counter += 1
         key = f"a{self._counter}"
-        # In batch-invariant mode the LoRA matrices stay in the base's dtype: PEFT's default upcast to
-        # float32 runs each adapter's rows through an fp32 matmul whose result depends on how many rows
-        # share the adapter (docs/batch-invariance.md); the base's own layers do not have that problem.
-        kwargs = {"adapter_name": key, "autocast_adapter_dtype": not self.batch_invariant}
+        kwargs = {"adapter_name": key}
         try:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(o.info.path), is_trainable=False, **kwargs)
@@ -260,6 +257,10 @@ class AdapterSet:
             raise ModelError(f"cannot load the adapter weights: {type(err).__name__}: {str(err).splitlines()[0]}",
                              Where(o.info.path)) from None
         self.model.eval()
+        if self.batch_invariant:
+            from .invariant import use_invariant_kernels
+
+            use_invariant_kernels(self.model)  # the new LoRA matrices get the tiled forward too
         if self.model.peft_config[key].use_dora:
             self.model.delete_adapter(key)
             raise LorachatError("DoRA adapters cannot share a mixed-adapter batch (PEFT refuses adapter_names "

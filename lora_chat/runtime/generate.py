@@ -32,6 +32,7 @@ requests into one call.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class Delta:
     row: int
     text: str
     finish_reason: str | None = None
+    completion_tokens: int = 0  # generated so far, the stop token included (for streamed `usage`)
 
 
 @dataclass
@@ -112,7 +114,8 @@ def generate(rt: AdapterSet, requests: Sequence[Request],
 
 def stream(rt: AdapterSet, requests: Sequence[Request]) -> Iterator[Delta]:
     """The deltas of `requests` as they are decoded. The set stays locked until the iterator is exhausted
-    or closed: close it (`contextlib.closing`) when stopping early."""
+    or closed: consume it promptly (a server hands deltas to per-request queues) and close it
+    (`contextlib.closing`) when stopping early, in the thread that iterated it."""
     return _decode(rt, requests, [])
 
 
@@ -173,13 +176,13 @@ class _Row:
         ready = len(text) - _held_back(text, self.sampling.stop)
         if ready <= self.sent:
             return None
-        delta = Delta(self.index, text[self.sent:ready])
+        delta = Delta(self.index, text[self.sent:ready], None, len(self.tokens))
         self.sent = ready
         return delta
 
     def _finish(self, reason: str, text: str) -> Delta:
         self.finish = reason
-        delta = Delta(self.index, text[self.sent:], reason)
+        delta = Delta(self.index, text[self.sent:], reason, len(self.tokens))
         self.sent = len(text)
         return delta
 
@@ -214,7 +217,9 @@ def _decode(rt: AdapterSet, requests: Sequence[Request], rows: list[_Row]) -> It
     if not rows:
         return
 
-    with rt.lock, torch.inference_mode():
+    # The lock spans the whole batch (yields included); inference mode only the tensor work, so the
+    # consumer's code between deltas runs in whatever mode it chose.
+    with rt.lock:
         model = rt.model
         device = next(model.parameters()).device
         routing = {"adapter_names": rt.peft_names([r.request.model for r in rows])} \
@@ -228,35 +233,40 @@ def _decode(rt: AdapterSet, requests: Sequence[Request], rows: list[_Row]) -> It
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each row counts from its first real token
         cache = DynamicCache(config=model.config)
         active = list(rows)  # rows still decoding, in the cache's batch order
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       past_key_values=cache, use_cache=True, logits_to_keep=1, **routing,
-                       **_invariant(rt, mask)).logits[:, -1, :].float()  # (B, V)
+        with torch.inference_mode(), _kernels(rt, prefill=True):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                           logits_to_keep=1, **routing, **_invariant(rt, mask)).logits[:, -1, :].float()  # (B, V)
         while True:
             keep: list[int] = []
-            for b, row in enumerate(active):
-                if limit is not None and len(row.prompt) + len(row.tokens) + 1 >= limit:
-                    row.sampling = _capped(row.sampling, len(row.tokens) + 1)  # the context is full
-                delta = row.advance(row.pick(logits[b]), tokenizer)
-                if delta is not None:
-                    yield delta
-                if row.finish is None:
-                    keep.append(b)
+            deltas: list[Delta] = []
+            with torch.inference_mode():
+                for b, row in enumerate(active):
+                    if limit is not None and len(row.prompt) + len(row.tokens) + 1 >= limit:
+                        row.sampling = _capped(row.sampling, len(row.tokens) + 1)  # the context is full
+                    delta = row.advance(row.pick(logits[b]), tokenizer)
+                    if delta is not None:
+                        deltas.append(delta)
+                    if row.finish is None:
+                        keep.append(b)
+            yield from deltas  # before the next forward: a streamed token is not held back a step
             if not keep:
                 return
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask = mask[keep]
-                positions = positions[keep]
-                active = [active[b] for b in keep]
-                if routing:
-                    routing = {"adapter_names": [routing["adapter_names"][b] for b in keep]}
-            step = torch.tensor([[r.tokens[-1]] for r in active], device=device)  # (B', 1)
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)  # (B', T + t)
-            positions = positions[:, -1:] + 1  # (B', 1)
-            logits = model(input_ids=step, attention_mask=mask.to(device), position_ids=positions.to(device),
-                           past_key_values=cache, use_cache=True, logits_to_keep=1, **routing,
-                           **_invariant(rt, mask)).logits[:, -1, :].float()  # (B', V)
+            with torch.inference_mode():
+                if len(keep) < len(active):
+                    cache.batch_select_indices(torch.tensor(keep, device=device))
+                    mask = mask[keep]
+                    positions = positions[keep]
+                    active = [active[b] for b in keep]
+                    if routing:
+                        routing = {"adapter_names": [routing["adapter_names"][b] for b in keep]}
+                step = torch.tensor([[r.tokens[-1]] for r in active], device=device)  # (B', 1)
+                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)  # (B', T + t)
+                positions = positions[:, -1:] + 1  # (B', 1)
+                with _kernels(rt, prefill=False):
+                    logits = model(input_ids=step, attention_mask=mask.to(device),
+                                   position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                                   logits_to_keep=1, **routing, **_invariant(rt, mask)).logits[:, -1, :].float()
 
 
 def _invariant(rt: AdapterSet, mask: torch.Tensor) -> dict[str, list[int]]:
@@ -266,6 +276,15 @@ def _invariant(rt: AdapterSet, mask: torch.Tensor) -> dict[str, list[int]]:
     from .invariant import ROW_LENGTHS
 
     return {ROW_LENGTHS: mask.sum(dim=-1).tolist()}
+
+
+def _kernels(rt: AdapterSet, prefill: bool) -> contextlib.AbstractContextManager:
+    """Fixed-tile linear layers around a forward, when the set is batch-invariant."""
+    if not rt.batch_invariant:
+        return contextlib.nullcontext()
+    from .invariant import tiles
+
+    return tiles(prefill)
 
 
 def _capped(sampling: Sampling, max_tokens: int) -> Sampling:

@@ -1,25 +1,39 @@
-"""Attention whose result for a row does not depend on the other rows of the batch.
+"""Kernels whose result for a row does not depend on the other rows of the batch (docs/batch-invariance.md).
 
-Why (measured on SmolLM2-135M, docs/batch-invariance.md): with left-padded batches the stock SDPA
-kernel reduces each row's softmax and value sums over the padded length, with the row's real keys
-shifted by its padding, so the float summation order (and the kernel blocking) changes with the
-longest prompt in the batch; in bf16 a near-tie between two tokens then flips and the greedy reply
-diverges. The linear layers are not the problem in bf16 on CPU (oneDNN's bf16 GEMM gives a row the
-same bits whatever the number of rows), and positions are computed from the attention mask.
+Two things make a greedy reply change with its batch on CPU, both measured on SmolLM2-135M:
+  1. matmul shapes. MKL's float32 GEMM gives a row different bits for different row counts M
+     (M = 1 takes a GEMV path; M = 2..300 change the blocking), and the row count of every linear
+     layer is batch x tokens. Fix: while the runtime decodes, every plain `nn.Linear` runs on tiles
+     of exactly `DECODE_TILE` (one token per row) or `PREFILL_TILE` rows (prompts), the last tile
+     zero-padded. With M fixed, a row gets the same bits at any position in the tile, next to any
+     other rows (checked for every SmolLM2 shape), so alone and batched agree. oneDNN's bf16 GEMM
+     did not vary with M here, but tiling costs it nothing and covers kernels we did not check.
+  2. attention over left padding. The stock SDPA kernel reduces a row's softmax and value sums over
+     the padded length, with the row's keys shifted by its padding. Fix: each row attends over
+     exactly its own keys, sliced out of the batch, with the same call a batch of one makes.
+Positions come from the attention mask (each row counts from its first real token) and the KV cache
+holds each row's keys at the positions a lone row would have, so neither needs a change.
 
-The fix: each row attends over exactly its own keys, sliced out of the batch, with the same call a
-batch of one makes. A row's attention then sees the same shapes and the same values alone or
-batched, so its result is bitwise the same. Cost: one SDPA call per row per layer instead of one per
-layer (a Python loop of B small calls; the matmuls around it stay batched).
+Cost: decode steps always pay for `DECODE_TILE` rows (a lone request computes 8 rows, which on a
+memory-bound CPU step costs little), prompts are padded to a multiple of `PREFILL_TILE` rows, and
+attention runs one SDPA call per row per layer. Outside the runtime's decode loop (eval's loss,
+training) the stock kernels run unchanged. 4-bit layers (bitsandbytes) are not tiled.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 NAME = "lorachat_invariant"
+DECODE_TILE = 8  # rows per linear call while decoding (one token per row): the most rows a lone step pays for
+PREFILL_TILE = 32  # rows per linear call over prompts (and the head over each row's last position): fewer calls, little padding
+_tile: contextvars.ContextVar[int | None] = contextvars.ContextVar("lorachat_linear_tile", default=None)
 
 
 ROW_LENGTHS = "invariant_row_lengths"  # the forward kwarg that turns it on: real keys per left-padded row
@@ -65,11 +79,44 @@ def invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, val
     return out, None
 
 
-def use_invariant_attention(model: Any) -> None:
-    """Register the invariant attention with transformers (masks as for sdpa) and switch `model` to it."""
+def tiled_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, on fixed tiles of rows while `tiles(...)` is active, else the stock call."""
+    tile = _tile.get()
+    if tile is None:
+        return torch.nn.functional.linear(x, module.weight, module.bias)
+    flat = x.reshape(-1, x.shape[-1])  # (M, K)
+    rows = flat.shape[0]
+    pad = -rows % tile
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])  # (M + pad, K)
+    out = torch.cat([torch.nn.functional.linear(t, module.weight, module.bias) for t in flat.split(tile)])
+    return out[:rows].reshape(*x.shape[:-1], out.shape[-1])  # (..., N)
+
+
+@contextlib.contextmanager
+def tiles(prefill: bool) -> Iterator[None]:
+    """Linear layers run on fixed tiles inside this block (the decode loop wraps each forward in it)."""
+    token = _tile.set(PREFILL_TILE if prefill else DECODE_TILE)
+    try:
+        yield
+    finally:
+        _tile.reset(token)
+
+
+def use_invariant_kernels(model: Any) -> None:
+    """Switch `model` to the invariant attention and give every plain `nn.Linear` the tiled forward.
+
+    Idempotent: call it again after attaching an adapter, so its LoRA matrices are tiled too.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(NAME, invariant_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    model.set_attn_implementation(NAME)
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, invariant_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(NAME)
+    for module in model.modules():
+        # Exactly nn.Linear: bitsandbytes' 4-bit and 8-bit layers subclass it with forwards of their own.
+        if type(module) is torch.nn.Linear and "forward" not in vars(module):
+            module.forward = functools.partial(tiled_linear, module)
