@@ -137,6 +137,7 @@ def _quickstart_adapters(root: Path, copies: int) -> list[Path]:
     result = CliRunner().invoke(main, ["finetune", str(ROOT / "recipes" / "quickstart.yaml"),
                                        "--set", "training.max_steps=1", "--set", "training.grad_accum=1",
                                        "--set", "data.max_length=128", "--set", "data.too_long=truncate",
+                                       "--set", "data.eval.split=0",
                                        "--set", f"output.dir={first}"])
     if result.exit_code != 0:
         raise RuntimeError(result.output)

@@ -111,7 +111,8 @@ def smollm_adapter(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vllm") / "faq-en"
     result = CliRunner().invoke(main, ["finetune", str(recipe), "--set", "training.max_steps=1",
                                        "--set", "training.grad_accum=1", "--set", "data.max_length=128",
-                                       "--set", "data.too_long=truncate", "--set", f"output.dir={out}"])
+                                       "--set", "data.too_long=truncate", "--set", "data.eval.split=0",
+                                       "--set", f"output.dir={out}"])
     assert result.exit_code == 0, result.output
     return out
 

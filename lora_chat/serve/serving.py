@@ -255,7 +255,8 @@ class ServingCompletion:
                           completion_tokens=sum(d.completion_tokens for d in done))
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         return CompletionResponse(model=target.shown, usage=usage,
-                                  choices=[CompletionChoice(index=i, text=d.text, finish_reason=_finish(d.finish_reason))
+                                  choices=[CompletionChoice(index=i, text=d.text,
+                                                            finish_reason=_finish(d.finish_reason))
                                            for i, d in enumerate(done)])
 
     async def stream(self, request: CompletionRequest, target: Target, ids: list[list[int]]) -> AsyncIterator[str]:

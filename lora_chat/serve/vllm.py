@@ -129,7 +129,8 @@ def build_command(adapter_paths: Sequence[str | Path], options: VllmOptions) -> 
     names = [i.name for i in infos]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
-        raise LorachatError(f"two adapters share the name {', '.join(clash)}; rename a directory", Where(field="ADAPTER"))
+        raise LorachatError(f"two adapters share the name {', '.join(clash)}; rename a directory",
+                            Where(field="ADAPTER"))
     model_id = options.base or infos[0].base_model
     base = resolve_base(model_id, need_weights=True)
     facts = model_facts(base)
