@@ -406,6 +406,7 @@ def _last_logged_loss(path: Path) -> float | None:
 def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any], state_dict: dict | None) -> None:
     import errno
 
+    from ..adapters.domain import write_profile
     from ..models import model_facts
 
     recipe = inputs.loaded.recipe
@@ -419,6 +420,8 @@ def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any], state_
         tokens.save_generation_config(staging, model, inputs.added_tokens)
         if (target / TENSORBOARD).is_dir():  # the run's event files belong with the adapter they describe
             shutil.copytree(target / TENSORBOARD, staging / TENSORBOARD)
+        # What its users' prompts look like, for routing (runtime.router); the manifest lists it like any file.
+        write_profile(staging, inputs.data.train)
         adapters.finish(staging, target, tokenizer=inputs.tokenizer, template_source=inputs.template.source,
                         recipe_yaml=inputs.loaded.to_yaml(), manifest=_manifest(inputs, model_facts(inputs.base)),
                         metrics=metrics, train_log=target / "train_log.jsonl")
