@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 import yaml
 
 from ..errors import LorachatError, Where
-from ..files import current_umask, fsync_dir, fsync_tree, sha256_file, write_text_atomic
+from ..files import current_umask, fsync_tree, publish_dir, sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -133,14 +132,7 @@ def finish(staging: Path, target: Path, *, tokenizer: Any, template_source: str,
     write_text_atomic(staging / CARD, render_card(manifest, recipe_yaml, metrics))
     _write_manifest(staging, manifest)
     fsync_tree(staging)
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.rename(target, old / "run")
-    os.rename(staging, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish_dir(staging, target)
     shutil.rmtree(previous_of(target), ignore_errors=True)  # what --overwrite set aside
     return target
 
