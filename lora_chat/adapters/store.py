@@ -220,9 +220,15 @@ def render_card(manifest: dict[str, Any], recipe_yaml: str, metrics: dict[str, A
                         f"| {section} | {key} | {value} |"
                         for section, values in metrics.items() if isinstance(values, dict)
                         for key, value in values.items() if isinstance(value, (int, float, str)))
+    combined = manifest.get("combined_from")
+    made = (f"combined with `lorachat merge --method {combined['method']}` from "
+            + ", ".join(f"`{p['name']}` (weight {w:g})" for p, w in zip(combined["parents"], combined["weights"]))
+            + (f", density {combined['density']:g}" if combined.get("density") is not None else "")
+            + " (PEFT's `add_weighted_adapter`); its recipe below is the first parent's"
+            if combined else "trained with lorachat")
     return (f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n\n"
             f"# {name}\n\nA LoRA adapter for [{base['model_id']}](https://huggingface.co/{base['model_id']}) "
-            f"({base.get('architecture')}), trained with lorachat.\n\n"
+            f"({base.get('architecture')}), {made}.\n\n"
             f"Load it with `PeftModel.from_pretrained(base, \"<this folder>\")`; the tokenizer files and "
             f"`chat_template.jinja` here are the exact ones it was trained with.\n\n"
             f"## Data\n\n{credits or '- (none recorded)'}\n\n"

@@ -52,12 +52,13 @@ def open_adapter(path: str | Path) -> Parent:
     return Parent(info, load_recipe(info.path / "recipe.yaml"), template.read_text(encoding="utf-8"), peft_config)
 
 
-def resolve_checked(model: str, parents: list[Parent]) -> ResolvedBase:
+def resolve_checked(model: str, parents: list[Parent], *, need_weights: bool = True) -> ResolvedBase:
     """The base on disk, every adapter checked against its config.json first (no weights read until that passes)."""
-    facts = model_facts(resolve_base(model, need_weights=False))
+    config_only = resolve_base(model, need_weights=False)
+    facts = model_facts(config_only)
     for parent in parents:
         check_compatible(parent.info, facts)
-    return resolve_base(model, need_weights=True)
+    return resolve_base(model, need_weights=True) if need_weights else config_only
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
