@@ -1,0 +1,53 @@
+"""Adapters as users get them, for the merge and export tests: `lorachat finetune` on a tiny base, a few steps.
+
+Each is trained once per session (`trained`) and shared by the merge, combine and export test modules, since a
+finetune is the slow part of all of them; tests that damage one work on `copy_of` it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from conftest import sample_rows, write_jsonl
+from lora_chat.cli import main
+
+
+def train_adapter(root: Path, name: str, base_model: Path, **sections) -> Path:
+    """Train `name` on `base_model` (2 steps at a high learning rate, so B moves well away from zero); keyword
+    sections override the recipe's, e.g. lora={"r": 8}."""
+    data = write_jsonl(root / f"{name}.jsonl", sample_rows(24))
+    recipe = {
+        "name": name,
+        "base": {"model": str(base_model), "dtype": "float32"},
+        "data": {"train": [{"path": data.name}], "max_length": 128, "eval": {"split": 0.25}},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {"max_steps": 2, "batch_size": 4, "grad_accum": 1, "lr": 2e-2, "warmup_ratio": 0.0,
+                     "seed": 7},
+        "output": {"dir": str(root / "adapters" / name)},
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    result = CliRunner().invoke(main, ["finetune", str(path)])
+    assert result.exit_code == 0, result.output
+    return root / "adapters" / name
+
+
+_TRAINED: dict[str, Path] = {}
+
+
+def trained(tmp_path_factory, name: str, base_model: Path, **sections) -> Path:
+    """`train_adapter` once per session and name."""
+    if name not in _TRAINED:
+        _TRAINED[name] = train_adapter(tmp_path_factory.mktemp(name), name, base_model, **sections)
+    return _TRAINED[name]
+
+
+def copy_of(adapter: Path, dest: Path) -> Path:
+    """A private copy to damage (the trained ones are shared by the module)."""
+    return Path(shutil.copytree(adapter, dest))
