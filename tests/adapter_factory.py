@@ -38,7 +38,27 @@ def train_adapter(root: Path, name: str, base_model: Path, **sections) -> Path:
     return root / "adapters" / name
 
 
+QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+# The quickstart on the real bundled SmolLM2, cut to a few short unpacked steps at a high learning rate: seconds
+# of training, yet enough to change greedy replies, which is what the merge and export checks need.
+QUICK = ["training.max_steps=4", "training.grad_accum=1", "training.batch_size=2", "training.packing=false",
+         "training.gradient_checkpointing=false", "training.warmup_ratio=0", "training.lr=3e-3",
+         "data.max_length=256", "data.eval.max_rows=8"]
+
 _TRAINED: dict[str, Path] = {}
+
+
+def quickstart_adapter(tmp_path_factory) -> Path:
+    """The quickstart recipe, QUICK, on the bundled SmolLM2-135M-Instruct, once per session."""
+    if "quickstart" not in _TRAINED:
+        out = tmp_path_factory.mktemp("quickstart") / "construction-faq-en"
+        args = ["finetune", str(QUICKSTART), "--set", f"output.dir={out}"]
+        for setting in QUICK:
+            args += ["--set", setting]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        _TRAINED["quickstart"] = out
+    return _TRAINED["quickstart"]
 
 
 def trained(tmp_path_factory, name: str, base_model: Path, **sections) -> Path:
