@@ -1,7 +1,8 @@
-"""Adapters as users get them, for the merge and export tests: `lorachat finetune` on a tiny base, a few steps.
-
-Each is trained once per session (`trained`) and shared by the merge, combine and export test modules, since a
-finetune is the slow part of all of them; tests that damage one work on `copy_of` it.
+"""Adapters as users get them, made with `lorachat finetune` on the tiny base (or, for `real_model` tests, the
+bundled SmolLM2): `finetune_adapter` trains one step with a domain and a language; `train_adapter` a few steps at
+a high learning rate with any recipe section overridden, and `trained` / `quickstart_adapter` do so once per
+session, shared by the merge, combine and export test modules (a finetune is the slow part of them all); tests
+that damage one work on `copy_of` it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,19 @@ from click.testing import CliRunner
 
 from conftest import sample_rows, write_jsonl
 from lora_chat.cli import main
+
+
+def finetune_adapter(root: Path, base: Path, name: str = "faq-en") -> Path:
+    """Train `name` for one step on `base` under `root`, with a domain and a language; return its folder."""
+    write_jsonl(root / "train.jsonl", sample_rows())
+    recipe = {"name": name, "base": {"model": str(base), "dtype": "float32"},
+              "data": {"train": [{"path": "train.jsonl"}], "max_length": 128},
+              "training": {"max_steps": 1, "batch_size": 2, "grad_accum": 1},
+              "output": {"dir": str(root / "adapters" / name), "domain": "construction", "language": "en"}}
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    result = CliRunner().invoke(main, ["finetune", str(root / f"{name}.yaml")])
+    assert result.exit_code == 0, result.output
+    return root / "adapters" / name
 
 
 def train_adapter(root: Path, name: str, base_model: Path, **sections) -> Path:

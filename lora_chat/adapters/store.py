@@ -78,7 +78,7 @@ def verify(path: str | Path) -> list[str]:
             problems.append(f"{file}: missing")
         elif sha256_file(file) != digest:
             problems.append(f"{file}: sha256 differs from {MANIFEST}")
-    for file in _payload_files(info.path):
+    for file in payload_files(info.path):
         name = file.relative_to(info.path).as_posix()
         if name not in recorded:
             problems.append(f"{file}: not listed in {MANIFEST}")
@@ -88,13 +88,14 @@ def verify(path: str | Path) -> list[str]:
 # ---------------------------------------------------------------- writing
 
 
-def _payload_files(path: Path) -> list[Path]:
+def payload_files(path: Path) -> list[Path]:
+    """The files a manifest lists: all but the manifest itself, dotfiles (staging leftovers) and checkpoints."""
     return sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST
                   and not p.relative_to(path).parts[0].startswith((".", "checkpoints")))
 
 
-def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    manifest["files"] = {f.relative_to(path).as_posix(): sha256_file(f) for f in _payload_files(path)}
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    manifest["files"] = {f.relative_to(path).as_posix(): sha256_file(f) for f in payload_files(path)}
     write_text_atomic(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
@@ -130,11 +131,17 @@ def finish(staging: Path, target: Path, *, tokenizer: Any, template_source: str,
     if train_log is not None and train_log.is_file():
         shutil.copyfile(train_log, staging / TRAIN_LOG)
     write_text_atomic(staging / CARD, render_card(manifest, recipe_yaml, metrics))
-    _write_manifest(staging, manifest)
-    fsync_tree(staging)
-    publish_dir(staging, target)
+    write_manifest(staging, manifest)
+    install(staging, target)
     shutil.rmtree(previous_of(target), ignore_errors=True)  # what --overwrite set aside
     return target
+
+
+def install(staging: Path, target: Path) -> None:
+    """Publish a finished folder: fsync it, then `files.publish_dir` (the old `target` moved aside, `staging`
+    renamed into place, the old one deleted only after the rename: readers never see a mix)."""
+    fsync_tree(staging)
+    publish_dir(staging, target)
 
 
 def previous_of(target: Path) -> Path:
@@ -154,7 +161,7 @@ def update_metrics(path: str | Path, section: str, values: dict[str, Any]) -> No
     metrics[section] = {**previous, **values} if isinstance(previous, dict) else values
     write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     write_text_atomic(info.path / CARD, render_card(info.manifest, info.recipe_yaml, metrics))
-    _write_manifest(info.path, info.manifest)
+    write_manifest(info.path, info.manifest)
 
 
 # ---------------------------------------------------------------- data sources and the card
@@ -204,6 +211,7 @@ def render_card(manifest: dict[str, Any], recipe_yaml: str, metrics: dict[str, A
         "base_model": base["model_id"],
         "base_model_relation": "adapter",
         "library_name": "peft",
+        "pipeline_tag": "text-generation",
         "license": manifest.get("license") or "other",
         "tags": tags,
         "datasets": [s["dataset"] for s in sources],

@@ -24,11 +24,13 @@ from .main import console, err_console, main, report_errors
               help="Prompts per generate call.")
 @click.option("--judge-url", help="OpenAI-compatible endpoint for a pairwise judge (e.g. http://127.0.0.1:8000/v1).")
 @click.option("--judge-model", help="Model name to ask the judge endpoint for.")
+@click.option("--force", is_flag=True,
+              help="Load adapters trained on another id or revision of a base with the same shapes (a warning).")
 @click.option("--out", default="eval", show_default=True, type=click.Path(file_okay=False),
               help="Directory for report.json, report.md and report.html.")
 @report_errors
 def eval_(adapters, data, base, max_samples, max_new_tokens, temperature, seed, batch_size, judge_url,
-          judge_model, out) -> None:
+          judge_model, force, out) -> None:
     """Base vs adapters on the same held-out conversations: loss, generation metrics, judge, reports."""
     from rich.table import Table
 
@@ -39,7 +41,7 @@ def eval_(adapters, data, base, max_samples, max_new_tokens, temperature, seed, 
 
     decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
     options = EvalOptions(tuple(map(Path, adapters)), tuple(map(Path, data)), base, max_samples, decoding,
-                          judge_url, judge_model, Path(out), seed)
+                          judge_url, judge_model, Path(out), seed, force)
     report = run_eval(options, say=lambda line: err_console.out(line))
     header, rows = summary_table(report, intervals=False)
     table = Table(*header, title=f"pooled over all datasets; loss with bootstrap 95% CI; "

@@ -45,8 +45,10 @@ def _weights(text: str | None) -> tuple[float, ...] | None:
 @click.option("--density", type=float, help="Combine with ties, dare_* or magnitude_prune: the share of each "
               "adapter's update kept, in (0, 1]. Default 0.5.")
 @click.option("--seed", type=int, help="Combine: seed for DARE's random pruning (default 0).")
+@click.option("--force", is_flag=True, help="Accept a base other than the one trained on (another model id or "
+              "revision) when every shape fits; a warning instead of an error.")
 @report_errors
-def merge(adapters, out, overwrite, base, dtype, samples, tolerance, method, weights, density, seed) -> None:
+def merge(adapters, out, overwrite, base, dtype, samples, tolerance, method, weights, density, seed, force) -> None:
     """One ADAPTER: merge it into its base, check the logits, write a plain transformers model folder.
     Several: combine them into one adapter with --method. Exit 0 done, 2 bad input, 1 failed check or disk."""
     given = {"dtype": dtype, "samples": samples, "tolerance": tolerance, "method": method, "weights": weights,
@@ -60,7 +62,7 @@ def merge(adapters, out, overwrite, base, dtype, samples, tolerance, method, wei
         from ..merge.into_base import SAMPLES
 
         result = merge_into_base(MergeOptions(Path(adapters[0]), Path(out), dtype, base, overwrite,
-                                              samples or SAMPLES, tolerance), say=_say)
+                                              samples or SAMPLES, tolerance, force), say=_say)
         console.print(f"merged model written to {result.out} ({result.dtype}): max |logit diff| "
                       f"{result.max_abs_diff:.3g}, mean {result.mean_abs_diff:.3g} vs the adapter on its base, "
                       f"{result.samples} samples, tolerance {result.tolerance:g}", soft_wrap=True)
@@ -75,7 +77,7 @@ def merge(adapters, out, overwrite, base, dtype, samples, tolerance, method, wei
     from ..merge import CombineOptions, combine
 
     written = combine(CombineOptions(tuple(map(Path, adapters)), Path(out), method, _weights(weights), density,
-                                     base, overwrite, seed or 0), say=_say)
+                                     base, overwrite, seed or 0, force), say=_say)
     console.print(f"combined adapter written to {written}", soft_wrap=True)
 
 
@@ -87,12 +89,14 @@ def merge(adapters, out, overwrite, base, dtype, samples, tolerance, method, wei
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--base", help="Base model (hub id or folder); only its config.json is read. Default: the one the "
               "adapter was trained on.")
+@click.option("--force", is_flag=True, help="Accept a base other than the one trained on (another model id or "
+              "revision) when every shape fits; a warning instead of an error.")
 @report_errors
-def export(adapter, format_, out, overwrite, base) -> None:
+def export(adapter, format_, out, overwrite, base, force) -> None:
     """Export ADAPTER for llama.cpp / Ollama / llama-cpp-python, and print the Modelfile lines that use it."""
     from ..merge import ExportOptions, export_gguf, modelfile_lines
 
-    result = export_gguf(ExportOptions(Path(adapter), Path(out), format_, base, overwrite), say=_say)
+    result = export_gguf(ExportOptions(Path(adapter), Path(out), format_, base, overwrite, force), say=_say)
     console.print(f"wrote {result.out}: {result.tensors} tensors for llama.cpp's {result.architecture}, "
                   f"alpha {result.alpha:g}", soft_wrap=True)
     console.print("Ollama Modelfile (FROM: a GGUF of the same base):", soft_wrap=True)

@@ -50,6 +50,7 @@ class EvalOptions:
     judge_model: str | None = None
     out: Path = Path("eval")
     seed: int = 0  # bootstrap resampling
+    force: bool = False  # another base id/revision of the same shapes: a warning instead of an error
 
 
 @dataclass
@@ -65,7 +66,7 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print) -> dict:
     if bool(options.judge_url) != bool(options.judge_model):
         raise LorachatError("--judge-url and --judge-model go together", Where(field="--judge-url"))
     adapters = [_open_adapter(Path(p), i) for i, p in enumerate(options.adapters)]
-    base = _resolve_and_check(options.base or adapters[0].info.base_model, adapters)
+    base = _resolve_and_check(options.base or adapters[0].info.base_model, adapters, options.force, say)
     if base.note:
         say(f"note: {base.note}")
     tokenizer = load_tokenizer(base)
@@ -139,12 +140,15 @@ def _open_adapter(path: Path, index: int) -> _Adapter:
     return _Adapter(info, load_recipe(recipe_path), peft_name=f"a{index}")
 
 
-def _resolve_and_check(model: str, adapters: list[_Adapter]) -> ResolvedBase:
+def _resolve_and_check(model: str, adapters: list[_Adapter], force: bool,
+                       say: Callable[[str], None]) -> ResolvedBase:
     """The base on disk, and every adapter checked against its config.json before weights load."""
     # Config and tokenizer first: for the bundled model, exporting the weights alone takes ~20 s.
-    facts = model_facts(resolve_base(model, need_weights=False))
+    light = resolve_base(model, need_weights=False)
+    facts = model_facts(light)
     for adapter in adapters:
-        check_compatible(adapter.info, facts)
+        for warning in check_compatible(adapter.info, facts, base=light, force=force):
+            say(f"warning: {warning}")
     names = [a.info.name for a in adapters]
     clash = {n for n in names if names.count(n) > 1 or n == BASE}
     if clash:

@@ -50,6 +50,7 @@ class CombineOptions:
     base: str | None = None  # default: the base the adapters were trained on
     overwrite: bool = False
     seed: int = 0  # DARE prunes at random
+    force: bool = False  # accept adapters of bases of another identity whose shapes fit (warnings, not errors)
 
 
 def check_options(options: CombineOptions) -> tuple[tuple[float, ...], float | None]:
@@ -80,8 +81,10 @@ def check_options(options: CombineOptions) -> tuple[tuple[float, ...], float | N
     return weights, density
 
 
-def check_parents(parents: list[Parent], method: str) -> None:
-    """One base, one template, plain LoRA, and equal ranks where `method` needs them (one line each)."""
+def check_parents(parents: list[Parent], method: str, say: Callable[[str], None] = print,
+                  force: bool = False) -> None:
+    """One base, one template, plain LoRA, and equal ranks where `method` needs them (one line each). With
+    `force`, bases that differ only in identity (model id, same shapes) are a warning."""
     first = parents[0]
     base = first.info.manifest.get("base", {})
     for other in parents[1:]:
@@ -89,8 +92,12 @@ def check_parents(parents: list[Parent], method: str) -> None:
         differs = [key for key in ("model_id", *COMPAT_KEYS) if theirs.get(key) != base.get(key)]
         if differs:
             key = differs[0]
-            raise LorachatError(f"trained on another base than {first.info.name}: {key} {theirs.get(key)} != "
-                                f"{base.get(key)}; only adapters of one base combine", Where(other.path))
+            message = (f"trained on another base than {first.info.name}: {key} {theirs.get(key)} != "
+                       f"{base.get(key)}")
+            if not (force and differs == ["model_id"]):
+                hint = " (the shapes fit: pass --force to combine anyway)" if differs == ["model_id"] else ""
+                raise LorachatError(f"{message}; only adapters of one base combine{hint}", Where(other.path))
+            say(f"warning: {other.path}: {message}; combining anyway (--force)")
         if other.template_source != first.template_source:
             raise LorachatError(f"its chat_template.jinja differs from {first.info.name}'s: a combined adapter "
                                 f"has one template, so only adapters trained with the same one combine",
@@ -127,8 +134,8 @@ def combine(options: CombineOptions, say: Callable[[str], None] = print) -> Path
     out = Path(options.out)
     refuse_existing(out, options.overwrite)
     parents = [open_adapter(path) for path in options.adapters]
-    check_parents(parents, options.method)
-    base = resolve_checked(options.base or parents[0].info.base_model, parents)
+    check_parents(parents, options.method, say, options.force)
+    base = resolve_checked(options.base or parents[0].info.base_model, parents, say, force=options.force)
     if base.note:
         say(f"note: {base.note}")
 

@@ -53,6 +53,7 @@ class ExportOptions:
     format: str = "gguf"
     base: str | None = None  # default: the base the adapter was trained on (only its config.json is read)
     overwrite: bool = False
+    force: bool = False  # accept a base of another identity whose shapes fit (a warning, not an error)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def export_gguf(options: ExportOptions, say: Callable[[str], None] = print) -> E
     refuse_existing(out, options.overwrite)
     parent = open_adapter(options.adapter)
     _refuse_unsupported(parent)
-    base = resolve_checked(options.base or parent.info.base_model, [parent], need_weights=False)
+    base = resolve_checked(options.base or parent.info.base_model, [parent], say, force=options.force,
+                           need_weights=False)
     config = json.loads((base.path / "config.json").read_text(encoding="utf-8"))
     arch_name = (config.get("architectures") or ["?"])[0]
     if arch_name not in ARCHITECTURES:

@@ -28,11 +28,11 @@ from typing import Any
 
 import yaml
 
-from ..adapters import staging_dir
+from ..adapters.store import install, staging_dir
 from ..data.loading import load_data
 from ..encoding import encode_split
 from ..errors import DataError, LorachatError, RunFailed, Where
-from ..files import fsync_tree, match_umask, publish_dir, sha256_file, write_text_atomic
+from ..files import match_umask, sha256_file, write_text_atomic
 from ..models import ResolvedBase, load_model, load_tokenizer
 from ..templates import ChatTemplate
 from .source import Parent, open_adapter, refuse_existing, resolve_checked, written_or_nothing
@@ -54,6 +54,7 @@ class MergeOptions:
     overwrite: bool = False
     samples: int = SAMPLES
     tolerance: float | None = None  # default: TOLERANCE[dtype]
+    force: bool = False  # accept a base of another identity whose shapes fit (a warning, not an error)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def merge_into_base(options: MergeOptions, say: Callable[[str], None] = print) -
     if options.dtype is not None and options.dtype not in DTYPES:
         raise LorachatError(f"unknown dtype {options.dtype!r}: use {', '.join(DTYPES)}", Where(field="--dtype"))
     parent = open_adapter(options.adapter)
-    base = resolve_checked(options.base or parent.info.base_model, [parent])
+    base = resolve_checked(options.base or parent.info.base_model, [parent], say, force=options.force)
     if base.note:
         say(f"note: {base.note}")
     dtype = options.dtype or base_dtype(base)
@@ -129,8 +130,7 @@ def merge_into_base(options: MergeOptions, say: Callable[[str], None] = print) -
         # 7. card, then publish
         write_text_atomic(staging / "README.md", render_card(parent, base, result, drawn_from))
         match_umask(staging)
-        fsync_tree(staging)
-        publish_dir(staging, out)
+        install(staging, out)
     return result
 
 

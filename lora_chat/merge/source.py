@@ -7,7 +7,7 @@ import contextlib
 import errno
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +52,15 @@ def open_adapter(path: str | Path) -> Parent:
     return Parent(info, load_recipe(info.path / "recipe.yaml"), template.read_text(encoding="utf-8"), peft_config)
 
 
-def resolve_checked(model: str, parents: list[Parent], *, need_weights: bool = True) -> ResolvedBase:
-    """The base on disk, every adapter checked against its config.json first (no weights read until that passes)."""
+def resolve_checked(model: str, parents: list[Parent], say: Callable[[str], None], *, force: bool = False,
+                    need_weights: bool = True) -> ResolvedBase:
+    """The base on disk, every adapter checked against its config.json and tensor shapes first (no weights read
+    until that passes); `force` lets a base of other identity but fitting shapes through, with a warning."""
     config_only = resolve_base(model, need_weights=False)
     facts = model_facts(config_only)
     for parent in parents:
-        check_compatible(parent.info, facts)
+        for warning in check_compatible(parent.info, facts, base=config_only, force=force):
+            say(f"warning: {warning}")
     return resolve_base(model, need_weights=True) if need_weights else config_only
 
 
