@@ -92,7 +92,7 @@ def test_bfloat16_merge_is_checked_with_a_bfloat16_tolerance(root, adapter):
     out = root / "merged-bf16"
     code, output = merge(adapter, "--out", out, "--dtype", "bfloat16")
     assert code == 0, output
-    assert "(bfloat16)" in output and "tolerance 1" in output
+    assert "(bfloat16)" in output and "tolerance 4" in output
     assert "| tolerance (bfloat16) |" in (out / "README.md").read_text()
 
 
@@ -158,7 +158,7 @@ def test_killed_merge_leaves_no_folder_that_looks_whole(root, adapter):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "lora_chat.cli", "merge", str(adapter), "--out", str(out)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900  # a loaded CI machine can take minutes just to import torch
     while proc.poll() is None and time.monotonic() < deadline:
         if list(root.glob(".killed.tmp-*")):  # writing has begun
             proc.send_signal(signal.SIGKILL)

@@ -38,7 +38,7 @@ def _weights(text: str | None) -> tuple[float, ...] | None:
 @click.option("--samples", type=click.IntRange(min=1), help="Into the base: how many of the adapter's eval rows "
               "the logit check runs on (default 4).")
 @click.option("--tolerance", type=click.FloatRange(min=0), help="Into the base: the largest max |logit diff| "
-              "accepted (default by dtype: float32 1e-4, float16 0.25, bfloat16 1.0).")
+              "accepted (default by dtype: float32 1e-3, float16 1.0, bfloat16 4.0).")
 @click.option("--method", help="Combine: linear, cat, svd, ties, dare_ties, dare_linear or magnitude_prune "
               "(PEFT's add_weighted_adapter).")
 @click.option("--weights", help="Combine: one weight per adapter, comma-separated, e.g. 0.6,0.4. Default: 1/N each.")

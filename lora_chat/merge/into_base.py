@@ -39,9 +39,12 @@ from .source import Parent, open_adapter, refuse_existing, resolve_checked, writ
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Max |logit difference| allowed between the merged model and the adapter on its base. In float32 the two
-# differ only by summation order ((W + s·BA)x vs Wx + s·B(Ax)): ~1e-5 on SmolLM2. In 16-bit the merged
-# weight itself is rounded to the dtype, one ulp of W + s·BA per weight, which moves logits by tenths.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 1.0, "float16": 0.25}
+# differ only by summation order ((W + s·BA)x vs Wx + s·B(Ax)): 7.5e-5 at most on SmolLM2's 30 layers, so the
+# bound leaves a factor of ~10 for deeper and wider models. In 16-bit the merged weight itself is rounded to the
+# dtype (one ulp of W + s·BA per weight, 2^-8 relative in bfloat16) and so is every activation on both sides:
+# 1.3 at most on SmolLM2's logits of ~±30 in bfloat16, so the bounds are a few times that; a wrong merge (a
+# missing module, a wrong scale) moves logits by the adapter's whole effect.
+TOLERANCE = {"float32": 1e-3, "bfloat16": 4.0, "float16": 1.0}
 SAMPLES = 4
 
 
