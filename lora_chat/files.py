@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -61,6 +62,14 @@ def user_cache_dir() -> Path:
     return Path.home() / ".cache" / "lorachat"
 
 
+def match_umask(path: Path) -> None:
+    """Give a folder written through temp files (mkdtemp 0700, safetensors' 0600) the modes the umask asks for."""
+    mask = current_umask()
+    path.chmod(0o777 & ~mask)
+    for item in path.rglob("*"):
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -80,3 +89,20 @@ def fsync_tree(path: Path) -> None:
     for folder in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
         fsync_dir(folder)
     fsync_dir(path)
+
+
+def publish_dir(staging: Path, target: Path) -> Path:
+    """Rename a finished folder to `target`, replacing what is there only now that the new one is whole.
+
+    The old `target` is first renamed aside (one rename each way, so a reader sees the old folder or the
+    new one, never a mix), then removed. `staging` must lie beside `target` (same filesystem).
+    """
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.rename(target, old / "run")
+    os.rename(staging, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target

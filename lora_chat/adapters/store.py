@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import LorachatError, Where
-from ..files import fsync_dir, fsync_tree, modes_from_umask, sha256_file, write_text_atomic
+from ..files import fsync_tree, modes_from_umask, publish_dir, sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -136,20 +135,11 @@ def finish(staging: Path, target: Path, *, tokenizer: Any, template_source: str,
 
 
 def install(staging: Path, target: Path) -> None:
-    """Publish a finished folder: fsync it, move whatever is at `target` aside, rename `staging` into place.
-
-    Readers see the old folder or the new one, never a mix; the old one is deleted only after the rename.
-    """
+    """Publish a finished folder: fsync it, then `files.publish_dir` (the old `target` moved aside, `staging`
+    renamed into place, the old one deleted only after the rename: readers never see a mix)."""
     modes_from_umask(staging)  # PEFT's safetensors file and mkdtemp's folder come out private; the rest 0644
     fsync_tree(staging)
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.rename(target, old / "run")
-    os.rename(staging, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish_dir(staging, target)
 
 
 def previous_of(target: Path) -> Path:
@@ -236,9 +226,15 @@ def render_card(manifest: dict[str, Any], recipe_yaml: str, metrics: dict[str, A
                         f"| {section} | {key} | {value} |"
                         for section, values in metrics.items() if isinstance(values, dict)
                         for key, value in values.items() if isinstance(value, (int, float, str)))
+    combined = manifest.get("combined_from")
+    made = (f"combined with `lorachat merge --method {combined['method']}` from "
+            + ", ".join(f"`{p['name']}` (weight {w:g})" for p, w in zip(combined["parents"], combined["weights"]))
+            + (f", density {combined['density']:g}" if combined.get("density") is not None else "")
+            + " (PEFT's `add_weighted_adapter`); its recipe below is the first parent's"
+            if combined else "trained with lorachat")
     return (f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n\n"
             f"# {name}\n\nA LoRA adapter for [{base['model_id']}](https://huggingface.co/{base['model_id']}) "
-            f"({base.get('architecture')}), trained with lorachat.\n\n"
+            f"({base.get('architecture')}), {made}.\n\n"
             f"Load it with `PeftModel.from_pretrained(base, \"<this folder>\")`; the tokenizer files and "
             f"`chat_template.jinja` here are the exact ones it was trained with.\n\n"
             f"## Data\n\n{credits or '- (none recorded)'}\n\n"
