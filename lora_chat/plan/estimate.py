@@ -79,13 +79,13 @@ class Plan:
             "recipe": self.recipe, "base": self.base, "gpu": self.gpu.name, "gpu_memory_gib": self.gpu.memory_gib,
             "peak_memory_gib": round(self.breakdown.total / GIB, 2), "fits": card.fits,
             "breakdown": self.breakdown.gib(), "tokens_per_s": round(card.tokens_per_s, 1),
-            "hours": round(card.hours, 3), "steps": self.steps, "utilisation": self.utilisation,
+            "hours": round(card.hours, 6), "steps": self.steps, "utilisation": self.utilisation,
             "tokens": self.data.tokens, "trained_tokens": self.data.trained, "lengths_from": self.data.source,
             "micro_batch": {"rows": self.setup.batch, "tokens_per_row": self.setup.seq_len},
             "suggestions": [{"change": s.change, "why": s.why, "peak_memory_gib": round(s.breakdown.total / GIB, 2),
-                             "fits": s.fits, "hours": round(s.hours, 3)} for s in self.suggestions],
+                             "fits": s.fits, "hours": round(s.hours, 6)} for s in self.suggestions],
             "gpus": [{"name": c.gpu.name, "memory_gib": c.gpu.memory_gib, "fits": c.fits,
-                      "tokens_per_s": round(c.tokens_per_s, 1), "hours": round(c.hours, 3)} for c in self.cards],
+                      "tokens_per_s": round(c.tokens_per_s, 1), "hours": round(c.hours, 6)} for c in self.cards],
         }
 
 
@@ -311,4 +311,6 @@ def print_plan(plan: Plan, console: Any) -> None:
 
 
 def _duration(hours: float) -> str:
+    if hours < 1 / 60:
+        return f"{hours * 3600:.0f} s"
     return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
