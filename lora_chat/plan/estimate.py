@@ -101,7 +101,7 @@ def make_plan(recipe_path: str | Path, overrides: list[str] = (), gpu: str | Non
         raise type(err)(err.reason, loaded.where("base", "model")) from None
     shape = Shape.from_config(_read_config(base), Where(base.path / "config.json"))
     lengths = _lengths(loaded, list(overrides), base, chars_per_token)
-    setup = setup_of(loaded, shape, lengths)
+    setup = setup_of(loaded, lengths)
     steps = optimizer_steps(loaded, lengths)
     util = utilisation or default_utilisation(setup)
     breakdown = estimate(shape, setup)
@@ -161,7 +161,7 @@ def _lengths_from_chars(loaded: LoadedRecipe, chars_per_token: float) -> DataLen
     return DataLengths(samples, round(tokens), round(trained), longest, source)
 
 
-def setup_of(loaded: LoadedRecipe, shape: Shape, lengths: DataLengths) -> Setup:
+def setup_of(loaded: LoadedRecipe, lengths: DataLengths) -> Setup:
     recipe = loaded.recipe
     t, lora = recipe.training, recipe.lora
     if t.packing:

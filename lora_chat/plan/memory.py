@@ -250,19 +250,20 @@ def logits_bytes(shape: Shape, setup: Setup) -> int:
     """The vocabulary projection and its loss.
 
     Unchunked (TRL, torchtune): logits in the compute dtype, their fp32 upcast, log-softmax kept for backward and
-    its gradient, over every position. lorachat projects only trained positions, `loss_chunk` rows at a time,
-    and keeps the gradient for the hidden states instead (rows x hidden, fp32). Liger's fused linear
-    cross-entropy works the same way with chunks sized so that a chunk's logits match the hidden states' size.
+    its gradient, over every position. lorachat (train/loss.py) projects only trained positions, `loss_chunk` rows
+    at a time, turning one fp32 buffer into exp, softmax and gradient in place (plus the compute-dtype logits and
+    gradient when that is not fp32), and keeps the hidden states' gradient (rows x hidden) instead of the logits.
+    Liger's fused linear cross-entropy works the same way, with chunks of about hidden/vocab of the rows.
     """
     d, v, h = setup.compute_bytes, shape.vocab, shape.hidden
     rows = math.ceil(setup.tokens * setup.trained_share)
-    per_row = v * (d + (4 if d != 4 else 0) + 4 + 4 + 4 * setup.logit_copies)
     if setup.kernels == "liger":
         chunk = min(rows, 2 ** math.ceil(math.log2(max(1, math.ceil(rows / math.ceil(v / h))))))
-        return int(chunk * per_row + rows * h * 4)
-    if setup.loss_chunk is None:
-        return int(rows * per_row)
-    return int(min(rows, setup.loss_chunk) * per_row + rows * h * 4)
+    elif setup.loss_chunk is not None:
+        chunk = min(rows, setup.loss_chunk)
+    else:
+        return int(rows * v * (d + (4 if d != 4 else 0) + 4 + 4 + 4 * setup.logit_copies))
+    return int(chunk * v * (4 + (2 * d if d != 4 else 0)) + rows * h * d)
 
 
 def estimate(shape: Shape, setup: Setup) -> Breakdown:

@@ -68,10 +68,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]  # (C, H), (C,)
             # fp32 softmax: in bf16 the log-sum-exp over a 50k vocab loses the small differences training follows.
             logits = F.linear(h, weight).float()  # (C, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target = logits.gather(1, t[:, None]).squeeze(1)  # (C,)
+            peak = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+            exp = logits.sub_(peak).exp_()  # in place: one (C, V) buffer for logits, exp and the gradient
+            sums = exp.sum(dim=-1, keepdim=True)  # (C, 1)
+            total += (peak.squeeze(1) + sums.squeeze(1).log() - target).sum()  # log-sum-exp - target logit
             if need_h or need_w:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad = exp.div_(sums)  # softmax
                 grad[torch.arange(len(t), device=t.device), t] -= 1  # d(sum of losses)/d(logits)
                 grad = grad.to(weight.dtype)
                 if need_h:
