@@ -252,18 +252,14 @@ def logits_bytes(shape: Shape, setup: Setup) -> int:
     Unchunked (TRL, torchtune): logits in the compute dtype, their fp32 upcast, log-softmax kept for backward and
     its gradient, over every position. lorachat (train/loss.py) projects only trained positions, `loss_chunk` rows
     at a time, turning one fp32 buffer into exp, softmax and gradient in place (plus the compute-dtype logits and
-    gradient when that is not fp32), and keeps the hidden states' gradient (rows x hidden) instead of the logits.
-    Liger's fused linear cross-entropy works the same way, with chunks of about hidden/vocab of the rows.
+    gradient when that is not fp32), and keeps the hidden states' gradient (rows x hidden) instead of the logits,
+    as Liger's fused linear cross-entropy does (so `kernels: liger` changes nothing here).
     """
     d, v, h = setup.compute_bytes, shape.vocab, shape.hidden
     rows = math.ceil(setup.tokens * setup.trained_share)
-    if setup.kernels == "liger":
-        chunk = min(rows, 2 ** math.ceil(math.log2(max(1, math.ceil(rows / math.ceil(v / h))))))
-    elif setup.loss_chunk is not None:
-        chunk = min(rows, setup.loss_chunk)
-    else:
+    if setup.loss_chunk is None:
         return int(rows * v * (d + (4 if d != 4 else 0) + 4 + 4 + 4 * setup.logit_copies))
-    return int(chunk * v * (4 + (2 * d if d != 4 else 0)) + rows * h * d)
+    return int(min(rows, setup.loss_chunk) * v * (4 + (2 * d if d != 4 else 0)) + rows * h * d)
 
 
 def estimate(shape: Shape, setup: Setup) -> Breakdown:
