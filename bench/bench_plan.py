@@ -124,6 +124,11 @@ def worker(model_name: str, batch: int, length: int, checkpointing: bool) -> dic
                           torch.full((batch, length), -100))
     batch_tensors = {"input_ids": ids, "position_ids": torch.arange(length).expand(batch, length),
                      "shift_labels": targets}
+    # safetensors may leave weights memory-mapped and untouched until the first forward pages them in; read
+    # every parameter first so the weights are in the baseline, not in what the steps add.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
     before = _rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so the peak is the steps' own
     for _ in range(3):
