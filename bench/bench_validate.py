@@ -1,6 +1,6 @@
 """How fast `validate` reads, renders, tokenizes and masks, against plain batched apply_chat_template.
 
-    HF_HUB_OFFLINE=1 python bench/bench_validate.py [--rows 100000]
+    HF_HUB_OFFLINE=1 python bench/bench_validate.py [--quick]
 
 Both sides run in this process on the same rows: short chats made from the chatterbot-corpus
 English conversations (read from the installed package), numbered so no two rows are equal.
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def chatterbot_chats(rows: int) -> list[dict]:
@@ -45,49 +46,61 @@ def chatterbot_chats(rows: int) -> list[dict]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    args = parser.parse_args()
+def measure(rows_n: int, repeats: int, model: str = MODEL) -> dict:
+    """Median seconds of each side over `repeats` runs after one warm-up of each, on the same rows."""
+    import statistics
 
     from lora_chat.models import load_tokenizer, resolve_base
     from lora_chat.recipe import load_recipe
     from lora_chat.validate import validate
 
-    rows = chatterbot_chats(args.rows)
+    rows = chatterbot_chats(rows_n)
     tmp = Path(tempfile.mkdtemp(prefix="bench-validate-"))
     with (tmp / "chats.jsonl").open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     (tmp / "recipe.yaml").write_text(
-        f"name: bench\nbase:\n  model: {args.model}\ndata:\n  train:\n    - path: chats.jsonl\n"
+        f"name: bench\nbase:\n  model: {model}\ndata:\n  train:\n    - path: chats.jsonl\n"
         f"  eval: {{split: 0.01}}\n  max_length: 512\n", encoding="utf-8")
-    tokenizer = load_tokenizer(resolve_base(args.model, need_weights=False))
-    turns = sum(len(r["messages"]) for r in rows) / len(rows)
-    print(f"rows: {len(rows)} short chats ({turns:.1f} messages each), tokenizer: {args.model}")
+    tokenizer = load_tokenizer(resolve_base(model, need_weights=False))
 
-    start = time.perf_counter()
-    batch = 1000
-    base_tokens = 0
-    for i in range(0, len(rows), batch):
-        out = tokenizer.apply_chat_template([r["messages"] for r in rows[i:i + batch]], tokenize=True)
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
-        base_tokens += sum(len(x) for x in ids)
-    base_s = time.perf_counter() - start
+    def baseline() -> None:
+        for i in range(0, len(rows), 1000):
+            tokenizer.apply_chat_template([r["messages"] for r in rows[i:i + 1000]], tokenize=True)
 
-    start = time.perf_counter()
-    result = validate(load_recipe(tmp / "recipe.yaml"))
-    ours_s = time.perf_counter() - start
-    ours_tokens = sum(st.tokens for st in result.prepared.stats.values())
-    assert result.usable, [str(p) for p in result.problems[:3]]
+    def ours() -> None:
+        result = validate(load_recipe(tmp / "recipe.yaml"))
+        assert result.usable, [str(p) for p in result.problems[:3]]
 
-    print(f"baseline apply_chat_template(tokenize=True): {len(rows) / base_s:,.0f} rows/s ({base_s:.1f} s, "
-          f"{base_tokens:,} tokens)")
-    print(f"lorachat validate (read+lint+split+masks+stats): {len(rows) / ours_s:,.0f} rows/s ({ours_s:.1f} s, "
-          f"{ours_tokens:,} tokens)")
-    print(f"ratio (lorachat / baseline rows/s): {base_s / ours_s:.2f}  (goal >= 0.5)")
-    print(f"validate wall time for {len(rows):,} rows: {ours_s:.1f} s  (goal < 30 s for 100k)")
+    times: dict[str, list[float]] = {"baseline": [], "ours": []}
+    for i in range(repeats + 1):
+        for name, fn in (("baseline", baseline), ("ours", ours)):
+            start = time.perf_counter()
+            fn()
+            if i:  # the first round warms caches (tokenizer, template compilation) and is not counted
+                times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()} | {"rows": len(rows)}
+
+
+def results(quick: bool) -> list[dict]:
+    m = measure(10_000 if quick else 100_000, repeats=3 if quick else 1)
+    ours, base = m["rows"] / m["ours"], m["rows"] / m["baseline"]
+    out = [{"name": "preprocess_rows_per_s", "value": round(ours), "unit": "rows/s",
+            "baseline": "batched apply_chat_template(tokenize=True)", "baseline_value": round(base),
+            "ratio": round(ours / base, 3), "goal": ">= 0.5"}]
+    if not quick:
+        out.append({"name": "validate_100k_seconds", "value": round(m["ours"], 1), "unit": "s",
+                    "baseline": "goal", "baseline_value": 30, "ratio": None, "goal": "<= 30"})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10k rows, median of 3 (default: 100k rows, once).")
+    args = parser.parse_args()
+    for row in results(args.quick):
+        print(f"{row['name']}: {row['value']} {row['unit']} (baseline {row['baseline']}: {row['baseline_value']}, "
+              f"ratio {row['ratio']}, goal {row['goal']})")
     sys.exit(0)
 
 

@@ -40,6 +40,9 @@ class Base(_Section):
         "none", description="4bit = QLoRA (nf4 + double quantization, bitsandbytes)."
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; never on implicitly.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto = PyTorch SDPA. flash_attention_2 needs CUDA and flash-attn."
+    )
 
 
 class Template(_Section):
@@ -149,6 +152,9 @@ class Training(_Section):
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
     report_to: Literal["none", "tensorboard"] = Field("none", description="Extra metric sink.")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy under accelerate.")
+    kernels: Literal["none", "liger"] = Field(
+        "none", description="liger = Liger-Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy (CUDA only)."
+    )
 
     @model_validator(mode="after")
     def _epochs_default(self) -> Training:
@@ -219,6 +225,20 @@ class LoadedRecipe:
         if path.startswith(("pkg:", "hf:")) or Path(path).expanduser().is_absolute():
             return path
         return str((self.dir_of(*key) / path).resolve())
+
+
+def cuda_only_problems(loaded: LoadedRecipe, cuda: bool) -> list[LorachatError]:
+    """Settings that run only on a CUDA GPU, refused up front on a machine without one (one line each)."""
+    if cuda:
+        return []
+    recipe, problems = loaded.recipe, []
+    if recipe.base.attn_implementation == "flash_attention_2":
+        problems.append(LorachatError("flash_attention_2 runs only on CUDA GPUs; use auto (SDPA) on this machine",
+                                      loaded.where("base", "attn_implementation")))
+    if recipe.training.kernels == "liger":
+        problems.append(LorachatError("liger kernels are Triton GPU kernels and need CUDA; use none on this machine",
+                                      loaded.where("training", "kernels")))
+    return problems
 
 
 # ---------------------------------------------------------------- loading
