@@ -59,10 +59,9 @@ function facts(model) {
   if (model.language) parts.push(model.language);
   if (model.rank) parts.push(`r=${model.rank}`);
   const loss = model.eval?.loss;
-  if (typeof loss === "number") {
-    const base = model.eval.base_loss;
-    parts.push(typeof base === "number" ? `eval loss ${loss.toFixed(2)} (base ${base.toFixed(2)})` : `eval loss ${loss.toFixed(2)}`);
-  }
+  if (typeof loss === "number") parts.push(`eval loss ${loss.toFixed(2)}`);
+  const wins = Object.entries(model.eval || {}).find(([key]) => key.startsWith("wins_vs_base"));
+  if (wins && typeof model.eval.samples === "number") parts.push(`won ${wins[1]}/${model.eval.samples} vs base`);
   return parts.join(" · ") || "adapter";
 }
 
@@ -265,17 +264,17 @@ async function streamReply(pane) {
   }
 }
 
+// The router's decision arrives as `adapter=NAME; language=sv; language_score=0.970; domain_score=-; reason=...`.
 function showRoute(pane, header) {
   if (pane.model !== "auto" || !header) return;
-  let text = header;
-  try {
-    const route = JSON.parse(header);
-    const scores = [route.language && `language ${route.language}${route.language_score != null ? ` (${Number(route.language_score).toFixed(2)})` : ""}`,
-      route.domain_score != null && `domain score ${Number(route.domain_score).toFixed(2)}`].filter(Boolean).join(", ");
-    text = `routed to ${route.adapter}: ${route.reason}${scores ? ` — ${scores}` : ""}`;
-  } catch { /* a plain-text header is shown as it is */ }
+  const route = Object.fromEntries(header.split("; ").map((part) => {
+    const at = part.indexOf("=");
+    return [part.slice(0, at), part.slice(at + 1)];
+  }));
+  const scores = [route.language && route.language !== "-" && `language ${route.language} (${route.language_score})`,
+    route.domain_score && route.domain_score !== "-" && `domain score ${route.domain_score}`].filter(Boolean).join(", ");
   const box = pane.el.querySelector(".route");
-  box.textContent = text;
+  box.textContent = route.adapter ? `routed to ${route.adapter}: ${route.reason}${scores ? ` — ${scores}` : ""}` : header;
   box.hidden = false;
 }
 
