@@ -35,8 +35,9 @@ def main() -> None:
     from lora_chat.evaluate.generate import Decoding, generate_batched, stop_ids
     from lora_chat.models import load_model
     from lora_chat.inputs import load_inputs
+    from lora_chat.recipe import load_recipe
 
-    inputs = load_inputs(RECIPE, need_weights=True)
+    inputs = load_inputs(load_recipe(RECIPE), need_weights=True)
     conversations = (inputs.data.eval + inputs.data.train)[: args.prompts]
     prompts = [inputs.template.prompt(c) for c in conversations]
     base = inputs.loaded.recipe.base

@@ -52,6 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from lora_chat.models import load_tokenizer, resolve_base
+    from lora_chat.recipe import load_recipe
     from lora_chat.validate import validate
 
     rows = chatterbot_chats(args.rows)
@@ -76,7 +77,7 @@ def main() -> None:
     base_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    result = validate(str(tmp / "recipe.yaml"))
+    result = validate(load_recipe(tmp / "recipe.yaml"))
     ours_s = time.perf_counter() - start
     ours_tokens = sum(st.tokens for st in result.prepared.stats.values())
     assert result.usable, [str(p) for p in result.problems[:3]]

@@ -40,6 +40,18 @@ def current_umask() -> int:
     return mask
 
 
+def modes_from_umask(root: Path) -> None:
+    """Give every file under `root` mode 0666 and every folder 0777, less the umask, as a plain `open` would.
+
+    Some writers create files private (safetensors writes 0600 through a temp file, mkstemp/mkdtemp make
+    0600/0700): a folder that mixes them cannot be shared or copied into a container for another user.
+    """
+    mask = current_umask()
+    for path in [root, *Path(root).rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def user_cache_dir() -> Path:
     """The lorachat cache: `$LORACHAT_CACHE`, else `$XDG_CACHE_HOME/lorachat`, else `~/.cache/lorachat`."""
     if os.environ.get("LORACHAT_CACHE"):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .data import LoadedData, load_data
 from .errors import LorachatError
 from .models import ResolvedBase, load_tokenizer, resolve_base
-from .recipe import LoadedRecipe, load_recipe
+from .recipe import LoadedRecipe
 from .templates import ChatTemplate, load_template
 
 
@@ -22,9 +21,9 @@ class Inputs:
     data: LoadedData
 
 
-def load_inputs(recipe_path: str | Path, overrides: list[str] = (), need_weights: bool = False) -> Inputs:
-    """Everything a command needs before it touches model weights, in dependency order."""
-    loaded = load_recipe(recipe_path, list(overrides))
+def load_inputs(loaded: LoadedRecipe, need_weights: bool = False) -> Inputs:
+    """Everything a command needs before it touches model weights, in dependency order, for a recipe the
+    command loaded (and so validated) once at its edge."""
     base_cfg = loaded.recipe.base
     try:
         base = resolve_base(base_cfg.model, base_cfg.revision, need_weights=need_weights)

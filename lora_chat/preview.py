@@ -11,13 +11,14 @@ from rich.text import Text
 
 from .encoding import encode_split
 from .inputs import load_inputs
+from .recipe import LoadedRecipe
 from .templates import IGNORE, Encoded
 
 
-def preview_samples(recipe_path: str, overrides: list[str] = (), limit: int = 3,
+def preview_samples(loaded: LoadedRecipe, limit: int = 3,
                     split: Literal["train", "eval"] = "train") -> tuple[list[Encoded], object]:
     """The first `limit` usable samples of a split, in data order, and the tokenizer that made them."""
-    inputs = load_inputs(recipe_path, overrides)
+    inputs = load_inputs(loaded)
     conversations = inputs.data.train if split == "train" else inputs.data.eval
     samples: list[Encoded] = []
     # Encode a little at a time: a preview of 3 samples should not tokenize the whole data set.

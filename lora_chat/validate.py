@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -12,6 +11,8 @@ from .data.loading import first_problems
 from .encoding import Prepared, SplitStats, prepare
 from .errors import DataError
 from .inputs import Inputs, load_inputs
+from .models.facts import stop_token_ids
+from .recipe import LoadedRecipe
 from .templates import IGNORE
 
 
@@ -27,8 +28,8 @@ class Validation:
         return not self.problems and bool(self.prepared.train)
 
 
-def validate(recipe_path: str, overrides: list[str] = ()) -> Validation:
-    inputs = load_inputs(recipe_path, overrides)
+def validate(loaded: LoadedRecipe) -> Validation:
+    inputs = load_inputs(loaded)
     problems = list(inputs.data.problems)
     prepared = prepare(inputs.loaded, inputs.data, inputs.template, role_stats=True, problems=problems)
     return Validation(inputs, prepared, problems, template_warnings(inputs, prepared))
@@ -41,21 +42,11 @@ def template_warnings(inputs: Inputs, prepared: Prepared) -> list[str]:
     sample = prepared.train[0]
     trained = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE]
     tok = inputs.tokenizer
-    if trained and trained[-1] not in _stop_ids(inputs):
+    if trained and trained[-1] not in stop_token_ids(inputs.base, inputs.tokenizer):
         last = tok.convert_ids_to_tokens(trained[-1])
         return [f"the last trained token of a reply is {last!r}, not the tokenizer's eos {tok.eos_token!r} "
                 f"or a stop token of the model: generation may not stop where training taught it to"]
     return []
-
-
-def _stop_ids(inputs: Inputs) -> set[int]:
-    """The tokenizer's eos plus the base's generation_config.json eos ids (Llama-3 stops on <|eot_id|>)."""
-    ids = {inputs.tokenizer.eos_token_id}
-    config = inputs.base.path / "generation_config.json"
-    if config.is_file():
-        configured = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
-        ids.update(configured if isinstance(configured, list) else [configured])
-    return ids
 
 
 def print_report(v: Validation, console: Console) -> None:

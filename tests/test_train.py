@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-
-from lora_chat.cli import main
+from train_helpers import finetune, log_lines, losses, out_dir
 
 SLOW_STEPS = """
 import sys, time
@@ -28,24 +26,6 @@ trainer.LorachatTrainer.training_step = slow
 from lora_chat.cli import main
 main(sys.argv[1:])
 """
-
-
-def finetune(*args) -> object:
-    return CliRunner().invoke(main, ["finetune", *map(str, args)])
-
-
-def log_lines(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in log_lines(out) if "loss" in r}
-
-
-def out_dir(recipe: Path) -> Path:
-    import yaml
-
-    return Path(yaml.safe_load(recipe.read_text())["output"]["dir"])
 
 
 def start_slow(recipe: Path, *flags: str) -> subprocess.Popen:
@@ -111,6 +91,34 @@ def test_dry_run_prints_plan_and_writes_nothing(make_recipe):
     assert not out_dir(recipe).exists()
 
 
+def test_progress_lines_when_output_is_not_a_terminal(make_recipe):
+    """Old behaviour: nothing at all was printed while training into a log file or a pipe."""
+    recipe = make_recipe(training={"max_steps": 4, "batch_size": 2, "grad_accum": 1, "log_every": 2})
+    result = finetune(recipe)  # CliRunner's stdout is not a terminal
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("train ")]
+    assert [line.split(" | ")[0] for line in lines] == ["train 2/4 (50%)", "train 4/4 (100%)"]
+    fields = dict(part.split(" ", 1) for part in lines[0].split(" | ")[1:])
+    assert set(fields) == {"epoch", "loss", "lr", "tok/s", "elapsed", "eta"}
+    assert float(fields["loss"]) == pytest.approx(losses(out_dir(recipe))[2], abs=1e-4)
+    assert "eta" not in lines[-1]
+
+
+def test_every_adapter_file_gets_its_mode_from_the_umask(make_recipe):
+    """Old behaviour: adapter_model.safetensors came out 0600 while the other files were 0644."""
+    recipe = make_recipe(training={"max_steps": 1, "batch_size": 2, "grad_accum": 1})
+    old = os.umask(0o027)
+    try:
+        assert finetune(recipe).exit_code == 0
+    finally:
+        os.umask(old)
+    out = out_dir(recipe)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert modes["adapter_model.safetensors"] == 0o640
+    assert set(modes.values()) == {0o640}, modes
+    assert out.stat().st_mode & 0o777 == 0o750
+
+
 # ---------------------------------------------------------------- packing
 
 
@@ -135,9 +143,9 @@ def test_packed_per_sample_loss_equals_unpacked(tiny_base):
             logits.flatten(0, 1), batch["shift_labels"].flatten(), reduction="none").view(batch["input_ids"].shape)
         result = []
         for b, row in enumerate(rows):  # split each row back into its samples by the position-id restarts
-            starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row)]
+            starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
             result += [float(token_loss[b, s:e].sum()) for s, e in zip(starts, starts[1:])
-                       if any(t != IGNORE for t in row.targets[s:e])]
+                       if any(t != IGNORE for t in row["targets"][s:e])]
         return sorted(result)
 
     packed = to_rows(samples, packing=True, max_length=64)
@@ -150,12 +158,27 @@ def test_packed_per_sample_loss_equals_unpacked(tiny_base):
 # ---------------------------------------------------------------- variants
 
 
-def test_qlora_loads_4bit_and_trains(make_recipe):
+def test_qlora_trains_lora_on_4bit_layers(make_recipe, monkeypatch):
+    """Old test checked only `r == 16` in the written config: it passed whether or not 4-bit layers trained."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from lora_chat.train import run
+
+    built = []
+    real = run.build_model
+    monkeypatch.setattr(run, "build_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     recipe = make_recipe(base={"quantization": "4bit", "dtype": "float32"},
-                         training={"max_steps": 2, "batch_size": 2, "grad_accum": 1, "log_every": 1})
+                         training={"max_steps": 4, "batch_size": 2, "grad_accum": 1, "log_every": 1, "lr": 5e-3,
+                                   "scheduler": "constant", "warmup_ratio": 0.0})
     result = finetune(recipe)
     assert result.exit_code == 0, result.output
-    assert json.loads((out_dir(recipe) / "adapter_config.json").read_text())["r"] == 16
+    quantized = [m for m in built[0].modules() if isinstance(m, bnb.nn.Linear4bit) and hasattr(m, "lora_A")]
+    assert quantized, "LoRA sits on 4-bit linear layers"
+    weights = load_file(out_dir(recipe) / "adapter_model.safetensors")
+    assert all(weights[k].abs().sum() > 0 for k in weights if "lora_B" in k), "lora_B starts at zero: it trained"
+    seen = losses(out_dir(recipe))
+    assert seen[4] != pytest.approx(seen[1], abs=1e-4), "the loss moved"
 
 
 def test_dora_list_targets_modules_to_save_and_checkpointing(make_recipe):
@@ -170,6 +193,30 @@ def test_dora_list_targets_modules_to_save_and_checkpointing(make_recipe):
     assert config["use_dora"] and set(config["target_modules"]) == {"q_proj", "v_proj"}
     assert config["modules_to_save"] == ["norm"]
     assert [r["step"] for r in log_lines(out_dir(recipe)) if "eval_loss" in r] == [1, 2]
+
+
+def test_adafactor_trains(make_recipe):
+    recipe = make_recipe(training={"max_steps": 6, "batch_size": 4, "grad_accum": 1, "lr": 1e-2, "log_every": 1,
+                                   "optimizer": "adafactor", "scheduler": "constant", "warmup_ratio": 0.0})
+    result = finetune(recipe)
+    assert result.exit_code == 0, result.output
+    seen = losses(out_dir(recipe))
+    assert seen[6] < seen[1] - 0.05
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU adamw_8bit is accepted")
+def test_adamw_8bit_is_refused_on_cpu_before_the_model_loads(make_recipe, monkeypatch):
+    from lora_chat.train import run
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run, "build_model", no_loading)
+    recipe = make_recipe(training={"optimizer": "adamw_8bit"})
+    result = finetune(recipe)
+    assert result.exit_code == 2
+    assert "training.optimizer: adamw_8bit: bitsandbytes' 8-bit optimizers need a CUDA GPU" in result.output
+    assert not out_dir(recipe).exists()
 
 
 # ---------------------------------------------------------------- bad input and faults
@@ -313,14 +360,60 @@ def test_second_ctrl_c_aborts_at_once_leaving_nothing_that_looks_whole(make_reci
 # ---------------------------------------------------------------- several processes
 
 
-def test_two_processes_write_one_adapter_and_log_each_step_once(make_recipe):
-    recipe = make_recipe(training={"max_steps": 3, "batch_size": 2, "grad_accum": 1, "log_every": 1})
-    result = finetune(recipe, "--processes", "2")
-    assert result.exit_code == 0, result.output
+NAN_ON_RANK_1 = """
+import os, sys
+from lora_chat.train import trainer
+real = trainer.token_loss_sum
+calls = [0]
+def nan_on_rank_1(*args):
+    loss, count = real(*args)
+    calls[0] += 1
+    return (loss * float("nan"), count) if os.environ["RANK"] == "1" and calls[0] > 2 else (loss, count)
+trainer.token_loss_sum = nan_on_rank_1
+from lora_chat.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_accelerate_launch_runs_finetune_unchanged_and_counts_every_rank(make_recipe):
+    from lora_chat.preview import preview_samples
+    from lora_chat.recipe import load_recipe
+
+    rows = [{"messages": [{"role": "user", "content": "How long does a permit take?"},
+                          {"role": "assistant", "content": "Ten weeks."}]}] * 16  # every row the same length
+    recipe = make_recipe(rows=rows, training={"max_steps": 3, "batch_size": 2, "grad_accum": 1, "log_every": 1})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "lora_chat.cli", "finetune", str(recipe)],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
     out = out_dir(recipe)
-    assert [r["step"] for r in log_lines(out) if "loss" in r] == [1, 2, 3]
-    assert (out / "manifest.json").exists()
-    assert len([p for p in out.parent.iterdir()]) == 1
+    logged = [r for r in log_lines(out) if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3], "each step logged once, by rank 0"
+    assert logged[-1]["epoch"] == pytest.approx(3 * 2 * 2 / 16), "2 processes x 2 rows a step"
+    length = len(preview_samples(load_recipe(recipe), limit=1)[0][0].input_ids)
+    assert logged[-1]["tokens"] == 3 * 2 * 2 * length, "tokens of both processes"
+    assert json.loads((out / "metrics.json").read_text())["train"]["tokens"] == 3 * 2 * 2 * length
+    assert done.stdout.count("adapter written to") == 1
+    assert (out / "manifest.json").exists() and len(list(out.parent.iterdir())) == 1
+
+
+def test_nan_on_one_process_stops_every_process_with_the_nan_error(make_recipe, tmp_path):
+    """Old behaviour: the rank that saw NaN raised alone; the other waited in the all-reduce until gloo's timeout."""
+    recipe = make_recipe(training={"max_steps": 6, "batch_size": 2, "grad_accum": 1, "save_every": 1})
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    start = time.time()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), "finetune", str(recipe)], env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.count("error: loss became nan at step 3 on process 1 of 2") == 1, done.stderr[-3000:]
+    assert time.time() - start < 300, "stopped at once, not at the process group's timeout"
+    assert (out_dir(recipe) / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (out_dir(recipe) / "manifest.json").exists()
 
 
 @pytest.mark.real_model

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import finetune, log_lines, losses, out_dir
+from train_helpers import finetune, log_lines, losses, out_dir
 
 # Runs the workers as `--processes 2` would, but every worker dies abruptly (no checkpoint, no cleanup) when it
 # is about to start step DIE_AT + 1, i.e. right after checkpoint-DIE_AT was written.
@@ -24,7 +24,7 @@ def die(self, *a, **k):
         os._exit(9)
     return step(self, *a, **k)
 trainer.LorachatTrainer.training_step = die
-from lora_chat.train.distributed import main
+from lora_chat.cli import main
 main(sys.argv[1:])
 """
 
@@ -45,10 +45,9 @@ def test_fsdp_trains_like_ddp_writes_one_full_adapter_and_resumes(make_recipe, t
     fsdp = make_recipe(name="fsdp", training={**TRAINING, "distributed": "fsdp"})
     script = tmp_path / "die_after_step.py"
     script.write_text(DIE_AFTER_STEP)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LORACHAT_PREFLIGHT_DONE": "1",
-           "DIE_AT": "4"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DIE_AT": "4"}
     killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             str(script), str(fsdp)], env=env, capture_output=True, text=True, timeout=180)
+                             str(script), "finetune", str(fsdp)], env=env, capture_output=True, text=True, timeout=180)
     assert killed.returncode != 0
     out = out_dir(fsdp)
     assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-4"], killed.stderr[-3000:]

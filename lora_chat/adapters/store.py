@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from ..errors import LorachatError, Where
-from ..files import current_umask, fsync_dir, fsync_tree, sha256_file, write_text_atomic
+from ..files import fsync_dir, fsync_tree, modes_from_umask, sha256_file, write_text_atomic
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -102,9 +102,7 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
 def staging_dir(target: Path) -> Path:
     """A fresh temp folder beside `target` (same filesystem, so the final rename is atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    path.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the published adapter private
-    return path
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))  # 0700 until `finish`
 
 
 def versions() -> dict[str, str]:
@@ -132,6 +130,7 @@ def finish(staging: Path, target: Path, *, tokenizer: Any, template_source: str,
         shutil.copyfile(train_log, staging / TRAIN_LOG)
     write_text_atomic(staging / CARD, render_card(manifest, recipe_yaml, metrics))
     _write_manifest(staging, manifest)
+    modes_from_umask(staging)  # PEFT's safetensors file comes out 0600 while the rest are 0644
     fsync_tree(staging)
     old = None
     if target.exists():

@@ -14,11 +14,14 @@ from .main import console, main, recipe_arg, report_errors, set_option
 @click.option("--overwrite", is_flag=True, help="Replace an adapter (or unfinished run) already in output.dir.")
 @click.option("--dry-run", is_flag=True, help="Resolve everything and print the plan; train and write nothing.")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Run as N processes (DDP via torch.distributed / accelerate).")
+              help="Run as N local processes (DDP via torch.distributed / accelerate). Under accelerate launch "
+                   "or torchrun, leave it out: each launched process runs `finetune` as is.")
 @report_errors
 def finetune(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool, dry_run: bool,
              processes: int) -> None:
     """Train a LoRA/QLoRA adapter from RECIPE. Exit 0 done, 2 bad input, 1 failed, 130/143 interrupted."""
+    from ..recipe import load_recipe
     from ..train import Options, finetune as run_finetune
 
-    run_finetune(recipe, overrides, Options(resume, overwrite, dry_run, processes), console)
+    loaded = load_recipe(recipe, list(overrides))
+    run_finetune(loaded, Options(resume, overwrite, dry_run, processes, tuple(overrides)), console)

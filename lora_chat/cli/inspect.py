@@ -15,9 +15,10 @@ from .main import console, err_console, main, recipe_arg, report_errors, set_opt
 @report_errors
 def validate(recipe: str, overrides: tuple[str, ...]) -> None:
     """Check a recipe and all its data; show lengths, drops and what gets trained. Exit 0 usable, 2 not."""
+    from ..recipe import load_recipe
     from ..validate import print_report, problems_text, validate as run_validate
 
-    result = run_validate(recipe, overrides)
+    result = run_validate(load_recipe(recipe, list(overrides)))
     print_report(result, console)
     if result.problems:
         err_console.out(problems_text(result))
@@ -41,8 +42,9 @@ def validate(recipe: str, overrides: tuple[str, ...]) -> None:
 def preview(recipe: str, overrides: tuple[str, ...], limit: int, split: str, as_json: bool) -> None:
     """Show samples as the model sees them: trained tokens highlighted, masked ones dim."""
     from ..preview import json_lines, preview_samples, print_samples
+    from ..recipe import load_recipe
 
-    samples, tokenizer = preview_samples(recipe, overrides, limit, split)
+    samples, tokenizer = preview_samples(load_recipe(recipe, list(overrides)), limit, split)
     if as_json:
         for line in json_lines(samples):
             click.echo(line)

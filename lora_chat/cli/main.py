@@ -17,13 +17,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from .. import __version__
 from ..errors import LorachatError
 
-console = Console()
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+UNBOUNDED_WIDTH = 1000  # columns when printing into a file or pipe: nothing there wraps lines for us
+
+
+class _Console(Console):
+    """A rich console that, when its stream is not a terminal (a log file, `| tee`, CI), prints tables and lines
+    whole instead of cutting them at rich's default 80 columns (`drop…`, `[3.2…`)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(UNBOUNDED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+console = _Console()
+err_console = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def report_errors(command: Callable) -> Callable:
@@ -37,8 +54,11 @@ def report_errors(command: Callable) -> Callable:
         except LorachatError as err:
             if debug:
                 raise
-            for line in str(err).splitlines():
-                err_console.out(f"error: {line}")
+            # In a multi-process run every process meets the same bad input or stop (a NaN is shared across
+            # ranks): the first process says it once.
+            if int(os.environ.get("RANK", "0")) == 0:
+                for line in str(err).splitlines():
+                    err_console.out(f"error: {line}")
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
             if debug:

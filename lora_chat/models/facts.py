@@ -30,3 +30,17 @@ def model_facts(resolved: ResolvedBase) -> dict[str, Any]:
         "vocab_size": get("vocab_size"),
         "model_type": config.get("model_type"),
     }
+
+
+def stop_token_ids(resolved: ResolvedBase, tokenizer: Any) -> set[int]:
+    """The tokenizer's eos plus the base's generation_config.json eos ids: chat models often end a turn with
+    a token (`<|im_end|>`, Llama-3's `<|eot_id|>`) that only one of the two names."""
+    ids = {tokenizer.eos_token_id}
+    path = resolved.path / "generation_config.json"
+    if path.is_file():
+        try:
+            configured = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot read {path}: {one_line(err)}", Where(file=path)) from err
+        ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}

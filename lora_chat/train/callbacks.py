@@ -1,7 +1,7 @@
-"""What happens around each optimizer step: metering, the JSONL log, the progress bar, stopping on signals.
+"""What happens around each optimizer step: metering, the JSONL log, progress, stopping on signals.
 
-`StepMeter` is filled by the trainer's loss (per micro-batch) and closed once per optimizer step by
-`MeterCallback`, which must run before the others read it.
+`StepMeter` is filled by the trainer's loss (per micro-batch) and closed once per optimizer step by `StepLog`,
+which must run before `ShowProgress` reads it.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
 from ..errors import RunFailed
+from ..progress import Progress
 
 
 def _all_sum(values: list[float]) -> list[float]:
@@ -35,17 +35,20 @@ def _all_sum(values: list[float]) -> list[float]:
 
 @dataclass
 class StepMeter:
-    """Loss sums and token counts: for the step under way, the last step, and since the last log line."""
+    """Loss sums and real-token counts: for the step under way, and since the last log line (all processes).
+
+    The trainer's loss adds each micro-batch; `StepLog` closes each optimizer step and, at log steps, sums the
+    window across processes, so `loss`, `tokens_per_s` and `total_tokens` count every rank's tokens.
+    """
 
     loss_sum: float = 0.0
     trained: int = 0
     tokens: int = 0  # real (non-pad) input tokens
-    last_loss: float = float("nan")
-    last_tokens_per_s: float = 0.0
     window: list[float] = field(default_factory=lambda: [0.0, 0, 0])  # loss_sum, trained, tokens
     window_start: float = field(default_factory=time.perf_counter)
-    step_start: float = field(default_factory=time.perf_counter)
-    total_tokens: int = 0
+    loss: float = float("nan")  # of the last log window
+    tokens_per_s: float = float("nan")  # of the last log window, all processes
+    total_tokens: int = 0  # all processes, up to the last log window
 
     def add(self, loss_sum: float, trained: int, tokens: int) -> None:
         self.loss_sum += loss_sum
@@ -53,36 +56,22 @@ class StepMeter:
         self.tokens += tokens
 
     def end_step(self) -> None:
-        now = time.perf_counter()
-        self.last_loss = self.loss_sum / max(self.trained, 1)
-        self.last_tokens_per_s = self.tokens / max(now - self.step_start, 1e-9)
         self.window = [self.window[0] + self.loss_sum, self.window[1] + self.trained, self.window[2] + self.tokens]
-        self.total_tokens += self.tokens
         self.loss_sum, self.trained, self.tokens = 0.0, 0, 0
-        self.step_start = now
 
-    def take_window(self) -> tuple[float, float]:
-        """(mean loss, tokens/s) across all processes since the last call."""
+    def close_window(self) -> None:
+        """Sum the window across processes (a collective: every rank calls it at the same step)."""
         loss_sum, trained, tokens = _all_sum(self.window)
         now = time.perf_counter()
-        result = loss_sum / max(trained, 1), tokens / max(now - self.window_start, 1e-9)
+        self.loss = loss_sum / max(trained, 1)
+        self.tokens_per_s = tokens / max(now - self.window_start, 1e-9)
+        self.total_tokens += int(tokens)
         self.window, self.window_start = [0.0, 0, 0], now
-        return result
 
 
-class MeterCallback(TrainerCallback):
-    def __init__(self, meter: StepMeter):
-        self.meter = meter
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.meter.step_start = self.meter.window_start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.meter.end_step()
-
-
-class JsonlLog(TrainerCallback):
-    """`train_log.jsonl`: one line per `log_every` steps (loss, lr, tokens/s), and one per eval pass."""
+class StepLog(TrainerCallback):
+    """Closes each step in the meter and, every `log_every` steps and at the last, writes `train_log.jsonl`
+    (loss, lr, tokens/s); one more line per eval pass. Must run before `ShowProgress`, which reads the meter."""
 
     def __init__(self, meter: StepMeter, path: Path, log_every: int):
         self.meter, self.path, self.log_every = meter, path, log_every
@@ -91,20 +80,32 @@ class JsonlLog(TrainerCallback):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.meter.window_start = time.perf_counter()
+
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
-        if state.global_step % self.log_every and state.global_step != state.max_steps:
+        self.meter.end_step()
+        if not is_log_step(state, self.log_every):
             return
-        loss, tokens_per_s = self.meter.take_window()  # collective: all ranks, same step
-        if not math.isfinite(loss):
+        self.meter.close_window()
+        if not math.isfinite(self.meter.loss):
             return  # the trainer raises NonFiniteLoss itself; a NaN line would only confuse plots
         if state.is_world_process_zero:
-            lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else None
-            self._write({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "loss": loss,
-                         "lr": lr, "tokens_per_s": round(tokens_per_s, 1), "tokens": self.meter.total_tokens})
+            self._write({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "loss": self.meter.loss,
+                         "lr": current_lr(lr_scheduler), "tokens_per_s": round(self.meter.tokens_per_s, 1),
+                         "tokens": self.meter.total_tokens})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "eval_loss" in logs:
             self._write({"step": state.global_step, "eval_loss": logs["eval_loss"]})
+
+
+def is_log_step(state, log_every: int) -> bool:
+    return state.global_step % log_every == 0 or state.global_step == state.max_steps
+
+
+def current_lr(lr_scheduler) -> float | None:
+    return lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else None
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -116,36 +117,34 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-class ProgressBar(TrainerCallback):
-    """A rich bar on the main process: step, loss, lr, tokens/s and ETA."""
+class ShowProgress(TrainerCallback):
+    """Training progress on the main process (`lora_chat.progress`): a rich bar in a terminal; otherwise a plain
+    line at every log step, at least every 30 s, and at the end (step/total, epoch, loss, lr, tok/s, ETA)."""
 
-    def __init__(self, meter: StepMeter, console: Console):
-        self.meter, self.console, self.progress, self.task = meter, console, None, None
+    def __init__(self, meter: StepMeter, console: Console, log_every: int):
+        self.meter, self.console, self.log_every = meter, console, log_every
+        self.progress: Progress | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(), console=self.console, transient=False)
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                           loss="-", lr="-", tps="-")
-        self.progress.start()
+        if state.is_world_process_zero:
+            self.progress = Progress(self.console, "train", total=state.max_steps, start=state.global_step)
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         if self.progress is None:
             return
-        lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else float("nan")
-        self.progress.update(self.task, completed=state.global_step, loss=f"{self.meter.last_loss:.4f}",
-                             lr=f"{lr:.2e}", tps=f"{self.meter.last_tokens_per_s:,.0f}")
+        # loss and tok/s are those of the last log window (all processes), as in train_log.jsonl
+        seen = math.isfinite(self.meter.tokens_per_s)
+        fields = {"epoch": f"{state.epoch or 0.0:.2f}", "loss": f"{self.meter.loss:.4f}" if seen else "-",
+                  "lr": f"{current_lr(lr_scheduler) or 0.0:.2e}",
+                  "tok/s": f"{self.meter.tokens_per_s:,.0f}" if seen else "-"}
+        self.progress.update(state.global_step, fields, line=is_log_step(state, self.log_every))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
 
     def close(self) -> None:
         if self.progress is not None:
-            self.progress.stop()
+            self.progress.close()
             self.progress = None
 
 

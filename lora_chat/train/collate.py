@@ -1,6 +1,6 @@
 """Training rows from encoded samples: one sample per row, or several packed, and the collator that pads them.
 
-Labels from `dataset.prepare` are unshifted (label[t] is token t when trained). Here each sample is shifted
+Labels from `encoding.prepare` are unshifted (label[t] is token t when trained). Here each sample is shifted
 on its own, so target[t] is what position t must predict; the last token of a packed sample never predicts the
 first of the next. Packed samples restart their position ids at 0, which is what keeps attention inside each
 sample: flash-attention turns the restarts into `cu_seqlens` (padding-free), and on SDPA/eager transformers
@@ -14,20 +14,19 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
 from ..templates import IGNORE, Encoded
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(TypedDict):
+    """One training row: a dict, because that is what a `datasets.Dataset` (which SFTTrainer takes) hands back."""
+
     input_ids: list[int]  # (T,)
     targets: list[int]  # (T,) shifted per sample; IGNORE where no loss
     position_ids: list[int]  # (T,) restart at 0 at each packed sample
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
 
 
 def _targets(sample: Encoded) -> list[int]:
@@ -37,7 +36,8 @@ def _targets(sample: Encoded) -> list[int]:
 def to_rows(samples: Sequence[Encoded], packing: bool, max_length: int) -> list[Row]:
     """One row per sample, or samples packed best-fit-decreasing into rows of at most `max_length` tokens."""
     if not packing:
-        return [Row(s.input_ids, _targets(s), list(range(len(s.input_ids)))) for s in samples]
+        return [Row(input_ids=s.input_ids, targets=_targets(s), position_ids=list(range(len(s.input_ids))))
+                for s in samples]
     order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (room left, bin index): best fit = the tightest room that fits
@@ -59,19 +59,15 @@ def to_rows(samples: Sequence[Encoded], packing: bool, max_length: int) -> list[
             ids += samples[i].input_ids
             targets += _targets(samples[i])
             positions += range(len(samples[i].input_ids))
-        rows.append(Row(ids, targets, positions))
+        rows.append(Row(input_ids=ids, targets=targets, position_ids=positions))
     return rows
 
 
-class RowDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[Row]):
-        self.rows = rows
+def as_dataset(rows: list[Row]):
+    """Rows as the `datasets.Dataset` SFTTrainer requires (it refuses a plain torch Dataset)."""
+    from datasets import Dataset
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> Row:
-        return self.rows[i]
+    return Dataset.from_dict({key: [row[key] for row in rows] for key in Row.__annotations__})
 
 
 @dataclass
@@ -84,20 +80,19 @@ class Collator:
 
     def __call__(self, rows: list[Row]) -> dict[str, torch.Tensor]:
         if self.flatten:
-            rows = [Row(sum((r.input_ids for r in rows), []), sum((r.targets for r in rows), []),
-                        sum((r.position_ids for r in rows), []))]
-        longest = max(len(r) for r in rows)
+            rows = [Row(**{key: sum((r[key] for r in rows), []) for key in Row.__annotations__})]
+        longest = max(len(r["input_ids"]) for r in rows)
         if not self.flatten:
             longest = -(-longest // self.multiple_of) * self.multiple_of
         ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)  # (B, T)
         targets = torch.full((len(rows), longest), IGNORE, dtype=torch.long)  # (B, T)
         positions = torch.zeros((len(rows), longest), dtype=torch.long)  # (B, T)
         for b, row in enumerate(rows):
-            n = len(row)
-            ids[b, :n] = torch.tensor(row.input_ids)
-            targets[b, :n] = torch.tensor(row.targets)
-            positions[b, :n] = torch.tensor(row.position_ids)
+            n = len(row["input_ids"])
+            ids[b, :n] = torch.tensor(row["input_ids"])
+            targets[b, :n] = torch.tensor(row["targets"])
+            positions[b, :n] = torch.tensor(row["position_ids"])
             # Pad positions count up from 0 as one more "sample", so they never join the last real one.
             positions[b, n:] = torch.arange(longest - n)
         return {"input_ids": ids, "position_ids": positions, "shift_labels": targets,
-                "real_tokens": torch.tensor(sum(len(r) for r in rows))}
+                "real_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}

@@ -1,22 +1,25 @@
-"""`--processes N`: the same run as N processes under `torch.distributed.run` (accelerate picks the backend:
-NCCL on GPUs, gloo on CPU). Each worker runs `finetune` unchanged; transformers' Trainer (through accelerate)
-wraps the model in DDP (with `training.distributed: fsdp`, shards it with FSDP2's fully_shard instead) and shards
-the data, rank 0 logs, checkpoints and writes the adapter.
+"""Several processes: `--processes N` starts them, and `lorachat finetune` runs unchanged inside each one.
 
-Multi-node: run the same command on every node with torchrun's rendezvous flags, e.g.
+`launch` runs `torch.distributed.run` with N local workers, each `python -m lora_chat.cli finetune RECIPE ...`;
+a run started by the user's own launcher is the same thing (accelerate launch, torchrun, multi-node):
+
+    accelerate launch --num_processes 2 -m lora_chat.cli finetune RECIPE [--set k=v] [--resume]
     torchrun --nnodes 2 --node-rank R --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
-        -m lora_chat.train.distributed RECIPE [--set k=v] [--resume]
+        -m lora_chat.cli finetune RECIPE [--set k=v] [--resume]
+
+Inside a worker, accelerate (through the Trainer) picks the backend (NCCL on GPUs, gloo on CPU), wraps the model
+in DDP (with `training.distributed: fsdp`, shards it with FSDP2's fully_shard instead) and shards the data; rank 0
+logs, checkpoints and writes the adapter. A worker knows it is one from the launcher's own variables
+(WORLD_SIZE, RANK), which every launcher sets.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from ..errors import LorachatError, RunFailed
+from ..errors import RunFailed
 
 
 class WorkersFailed(RunFailed):
@@ -25,47 +28,26 @@ class WorkersFailed(RunFailed):
         super().__init__(reason)
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def in_worker() -> bool:
-    return "LOCAL_RANK" in os.environ
+    """Started by a distributed launcher (torch.distributed.run, torchrun, accelerate launch) as one of several."""
+    return world_size() > 1
 
 
-def launch(recipe_path: str | Path, overrides, options) -> Path:
-    """Run the recipe as `options.processes` local processes; return the adapter directory."""
-    from ..recipe import load_recipe
-    from .run import PREFLIGHT_DONE, output_dir
-
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={options.processes}", "-m", "lora_chat.train.distributed", str(recipe_path)]
-    for override in overrides:
-        command += ["--set", override]
-    if options.resume:
-        command.append("--resume")
-    env = {**os.environ, PREFLIGHT_DONE: "1", "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.processes)))}
+def launch(processes: int, finetune_args: list[str]) -> None:
+    """Run `lorachat finetune *finetune_args` as `processes` local workers; raise if any fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "lora_chat.cli", "finetune", *finetune_args]
+    # Each worker gets its share of the cores: N workers each using all of them would thrash.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))}
     code = subprocess.run(command, env=env).returncode
     if code != 0:
-        raise WorkersFailed(f"{options.processes} processes: a worker failed with exit code {code} "
-                            f"(its error is above)", code)
-    return output_dir(load_recipe(recipe_path, list(overrides)))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Worker entry point: `python -m lora_chat.train.distributed RECIPE [--set k=v]... [--resume]`."""
-    from .run import Options, finetune
-
-    parser = argparse.ArgumentParser(prog="lora_chat.train.distributed")
-    parser.add_argument("recipe")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--resume", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        finetune(args.recipe, args.overrides, Options(resume=args.resume))
-    except LorachatError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            for line in str(err).splitlines():
-                print(f"error: {line}", file=sys.stderr)
-        sys.exit(err.exit_code)
-
-
-if __name__ == "__main__":
-    main()
+        raise WorkersFailed(f"{processes} processes: a worker failed with exit code {code} (its error is above)", code)

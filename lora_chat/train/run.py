@@ -1,11 +1,12 @@
-"""`lorachat finetune`: recipe -> data -> base + LoRA -> Trainer -> adapter directory.
+"""`lorachat finetune`: recipe -> data -> base + LoRA -> TRL's SFTTrainer -> adapter directory.
 
     lorachat finetune recipes/quickstart.yaml                 # train, write adapters/construction-faq-en
     lorachat finetune recipes/quickstart.yaml --dry-run       # resolve everything, print the plan, write nothing
     lorachat finetune recipes/quickstart.yaml --resume        # continue from the newest complete checkpoint
     lorachat finetune recipes/quickstart.yaml --processes 2   # the same run as 2 DDP processes
+    accelerate launch --num_processes 2 -m lora_chat.cli finetune recipes/quickstart.yaml   # or torchrun
 
-`finetune` reads top to bottom: setup (inputs, output folder, data, model, trainer) -> fit -> evaluate -> save.
+`FinetuneRun.run` reads top to bottom: inputs -> preflight -> rows -> model -> trainer -> fit -> evaluate -> save.
 Settings worth a reason:
   - the base runs in `pick_dtype(base.dtype)` (bf16 on CPUs with native bf16: 2.5x fp32 matmul), while PEFT
     keeps LoRA weights in fp32 (autocast_adapter_dtype) so small updates are not rounded away;
@@ -28,13 +29,13 @@ from rich.console import Console
 from .. import adapters
 from ..adapters import looks_whole
 from ..errors import LorachatError, RunFailed, Where
-from . import checkpoints
-from .callbacks import (Interrupted, JsonlLog, MeterCallback, ProgressBar, Signals, StepMeter, StopOnSignal,
-                        truncate_log)
-from .collate import Collator, RowDataset, to_rows
+from ..recipe import LoadedRecipe
+from . import checkpoints, distributed
+from .callbacks import Interrupted, ShowProgress, Signals, StepLog, StepMeter, StopOnSignal, truncate_log
+from .collate import Collator, as_dataset, to_rows
 
-PREFLIGHT_DONE = "LORACHAT_PREFLIGHT_DONE"  # set by the launcher: workers must not re-check or delete
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "sgd": "sgd", "adafactor": "adafactor"}
+TENSORBOARD = "tensorboard"  # event files, under output.dir
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Options:
     overwrite: bool = False
     dry_run: bool = False
     processes: int = 1
+    overrides: tuple[str, ...] = ()  # the --set values, handed on to worker processes with the recipe path
 
 
 @dataclass
@@ -64,101 +66,212 @@ class Plan:
     output: Path
 
 
-def finetune(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), options: Options = Options(),
-             console: Console | None = None) -> Plan | Path:
+def finetune(loaded: LoadedRecipe, options: Options = Options(), console: Console | None = None) -> Plan | Path:
     """Train the recipe's adapter; return its directory (or the plan, with `dry_run`). Raises LorachatError."""
-    from . import distributed
-
     console = console or Console()
+    check_optimizer(loaded)
     if options.processes > 1 and not distributed.in_worker() and not options.dry_run:
-        _preflight_only(recipe_path, overrides, options)
-        return distributed.launch(recipe_path, overrides, options)
+        # Refuse a clobber here, once, before N processes load the model; the workers repeat it harmlessly.
+        preflight(loaded, output_dir(loaded), options)
+        distributed.launch(options.processes, worker_args(loaded, options))
+        return output_dir(loaded)
+    return FinetuneRun(loaded, options, console).run()
 
-    # ---- setup: inputs before weights, so bad recipes and data fail in seconds
-    from ..encoding import prepare
-    from ..inputs import load_inputs
 
-    inputs = load_inputs(recipe_path, overrides, need_weights=not options.dry_run)
-    recipe = inputs.loaded.recipe
-    target = output_dir(inputs.loaded)
-    checkpoint_root = target / checkpoints.CHECKPOINTS
-    resume_from = preflight(inputs.loaded, target, options)
-    prepared = prepare(inputs.loaded, inputs.data, inputs.template)
-    train_rows = to_rows(prepared.train, recipe.training.packing, recipe.data.max_length)
-    eval_rows = to_rows(prepared.eval, recipe.training.packing, recipe.data.max_length)
-    from transformers import set_seed
+def worker_args(loaded: LoadedRecipe, options: Options) -> list[str]:
+    """`lorachat finetune` arguments that make each worker process run this same run."""
+    args = [str(loaded.path)]
+    for override in options.overrides:
+        args += ["--set", override]
+    return args + (["--resume"] if options.resume else []) + (["--overwrite"] if options.overwrite else [])
 
-    set_seed(recipe.training.seed)  # LoRA's A matrices are drawn from the global RNG: same seed, same init
-    model = _build_model(inputs, meta=options.dry_run)
-    plan = _plan(inputs, model, prepared, train_rows, target,
-                 processes=max(options.processes, int(os.environ.get("WORLD_SIZE", "1"))))
-    if options.dry_run:
-        print_plan(plan, console)
-        return plan
 
-    meter, signals = StepMeter(), Signals()
-    trainer = _build_trainer(inputs, model, train_rows, eval_rows, target, meter, signals, console)
-    is_main = trainer.is_world_process_zero()
-    if is_main:
-        checkpoint_root.mkdir(parents=True, exist_ok=True)
-        checkpoints.sweep(checkpoint_root)
-        if resume_from is not None:
-            truncate_log(target / "train_log.jsonl", _step_of(resume_from))
-        elif (target / "train_log.jsonl").exists():
-            (target / "train_log.jsonl").unlink()
-        if inputs.base.note:
-            console.print(f"[dim]{inputs.base.note}[/]")
-    trainer.accelerator.wait_for_everyone()
+def check_optimizer(loaded: LoadedRecipe) -> None:
+    """Refuse, before any weights load, an optimizer that cannot run on this machine."""
+    import torch
 
-    # ---- fit
-    signals.install()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        signals.restore()
-        for cb in trainer.callback_handler.callbacks:
-            if isinstance(cb, ProgressBar):
-                cb.close()
-    if signals.received is not None:
-        newest = checkpoints.newest(checkpoint_root)
-        raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved to {newest}; "
-                          f"continue with --resume", signals.received)
+    if loaded.recipe.training.optimizer == "adamw_8bit" and not torch.cuda.is_available():
+        raise LorachatError("adamw_8bit: bitsandbytes' 8-bit optimizers need a CUDA GPU; on CPU use adamw "
+                            "or adafactor (factored second moments: the least optimizer memory)",
+                            loaded.where("training", "optimizer"))
 
-    # ---- evaluate (unless the last step just did)
-    metrics: dict[str, Any] = {"train": {
-        "loss": _last_logged_loss(target / "train_log.jsonl"), "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 4), "tokens": meter.total_tokens,
-        "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
-        "samples": len(prepared.train), "rows": len(train_rows)}}
-    if eval_rows:
-        logged = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
-        values = logged[-1] if logged else trainer.evaluate()
-        metrics["eval"] = {"loss": values["eval_loss"], "perplexity": values["eval_perplexity"],
-                           "tokens": values["eval_tokens"], "samples": len(prepared.eval)}
 
-    # ---- save: the adapter is built beside the target and renamed into place
-    # Under FSDP each rank holds only a shard of every weight: gathering them is a collective all ranks join,
-    # and only rank 0 receives the full tensors.
-    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
-    if is_main:
-        _save_adapter(inputs, trainer, target, metrics, state_dict)
-        console.print(f"[green]adapter written to {target}[/]")
-    trainer.accelerator.wait_for_everyone()
-    return target
+class FinetuneRun:
+    """One `lorachat finetune` run: what it reads, builds and writes, set up in dependency order."""
+
+    def __init__(self, loaded: LoadedRecipe, options: Options, console: Console):
+        self.loaded, self.recipe, self.options, self.console = loaded, loaded.recipe, options, console
+        self.target = output_dir(loaded)
+        self.checkpoint_root = self.target / checkpoints.CHECKPOINTS
+        self.log_path = self.target / "train_log.jsonl"
+        self.meter, self.signals = StepMeter(), Signals()
+        self.processes = max(options.processes, distributed.world_size())
+
+    def run(self) -> Plan | Path:
+        from transformers import set_seed
+
+        from ..encoding import prepare
+        from ..inputs import load_inputs
+
+        # ---- setup: inputs before weights, so bad recipes and data fail in seconds; preflight after them,
+        # so a typo in the data does not set aside the adapter --overwrite would replace
+        self.inputs = load_inputs(self.loaded, need_weights=not self.options.dry_run)
+        self.resume_from = preflight(self.loaded, self.target, self.options)
+        self.prepared = prepare(self.loaded, self.inputs.data, self.inputs.template)
+        packing, max_length = self.recipe.training.packing, self.recipe.data.max_length
+        self.train_rows = to_rows(self.prepared.train, packing, max_length)
+        self.eval_rows = to_rows(self.prepared.eval, packing, max_length)
+        set_seed(self.recipe.training.seed)  # LoRA's A matrices are drawn from the global RNG: same seed, same init
+        self.model = build_model(self.inputs, meta=self.options.dry_run)
+        plan = self.plan()
+        if self.options.dry_run:
+            print_plan(plan, self.console)
+            return plan
+        self.trainer = self.build_trainer()
+        self.is_main = self.trainer.is_world_process_zero()
+        self.prepare_output()
+
+        # ---- fit, evaluate (unless the last step just did), save
+        result = self.fit()
+        metrics = self.evaluate(result)
+        self.save(metrics)
+        return self.target
+
+    def plan(self) -> Plan:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        steps, epochs = _steps(self.recipe, len(self.train_rows), self.processes)
+        stats, t, base = self.prepared.stats["train"], self.recipe.training, self.inputs.base
+        return Plan(base=f"{base.model_id} ({base.source}, {base.revision})",
+                    dtype=str(self.model.dtype).removeprefix("torch."), quantization=self.recipe.base.quantization,
+                    trainable_params=trainable, total_params=total, train_samples=len(self.prepared.train),
+                    train_rows=len(self.train_rows), tokens=stats.tokens, trained_tokens=stats.trained,
+                    eval_samples=len(self.prepared.eval), steps=steps, epochs=epochs,
+                    effective_batch=t.batch_size * t.grad_accum * self.processes, processes=self.processes,
+                    output=self.target)
+
+    def build_trainer(self):
+        import torch
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        from .trainer import LorachatTrainer, sft_config
+
+        t = self.recipe.training
+        fsdp = t.distributed == "fsdp" and distributed.world_size() > 1
+        has_eval = bool(self.eval_rows)
+        args = sft_config(
+            # use_cpu is what makes accelerate treat N CPU processes as one DDP job (gloo) instead of N lone runs.
+            use_cpu=not torch.cuda.is_available(),
+            output_dir=str(self.checkpoint_root),
+            per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
+            num_train_epochs=t.epochs or 1.0, max_steps=t.max_steps or -1,
+            lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm, optim=OPTIMIZERS[t.optimizer], seed=t.seed, data_seed=t.seed,
+            logging_steps=t.log_every, report_to=self.report_to(),
+            save_strategy="steps" if t.save_every else "no", save_steps=t.save_every or 500,
+            eval_strategy="steps" if (t.eval_every and has_eval) else "no", eval_steps=t.eval_every,
+            activation_checkpointing=t.gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+            ddp_find_unused_parameters=False, save_only_model=False,
+            # FSDP2 (fully_shard), which runs on CPU with gloo; FSDP1 is deprecated in transformers. Each layer in
+            # the model's _no_split_modules becomes its own shard unit.
+            fsdp=fsdp, fsdp_config={"version": 2} if fsdp else None)
+        attn = getattr(self.model.config, "_attn_implementation", "") or ""
+        collator = Collator(pad_id=self.inputs.tokenizer.pad_token_id, flatten=attn.startswith("flash"))
+        callbacks = [StepLog(self.meter, self.log_path, t.log_every), StopOnSignal(self.signals)]
+        if distributed.rank() == 0:
+            callbacks.append(ShowProgress(self.meter, self.console, t.log_every))
+        trainer = LorachatTrainer(
+            model=self.model, args=args, train_dataset=as_dataset(self.train_rows),
+            eval_dataset=as_dataset(self.eval_rows) if has_eval else None, data_collator=collator,
+            processing_class=self.inputs.tokenizer, callbacks=callbacks, meter=self.meter,
+            checkpoint_root=self.checkpoint_root, keep_checkpoints=t.keep_checkpoints)
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        return trainer
+
+    def report_to(self) -> list[str]:
+        if self.recipe.training.report_to != "tensorboard":
+            return []
+        try:
+            import tensorboard  # noqa: F401 - fail with one line here, not deep in transformers
+        except ImportError:
+            raise LorachatError("needs the tensorboard package: pip install tensorboard",
+                                self.loaded.where("training", "report_to")) from None
+        # Read by transformers' TensorBoardCallback when the Trainer builds it, i.e. for this run only.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.target / TENSORBOARD)
+        return ["tensorboard"]
+
+    def prepare_output(self) -> None:
+        """The checkpoint folder without a killed run's leftovers, and a log that starts where training does."""
+        if self.is_main:
+            self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+            checkpoints.sweep(self.checkpoint_root)
+            if self.resume_from is not None:
+                truncate_log(self.log_path, _step_of(self.resume_from))
+            elif self.log_path.exists():
+                self.log_path.unlink()
+            if self.inputs.base.note:
+                self.console.print(f"[dim]{self.inputs.base.note}[/]")
+        self.trainer.accelerator.wait_for_everyone()
+
+    def fit(self):
+        self.signals.install()
+        try:
+            result = self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+        finally:
+            self.signals.restore()
+            for cb in self.trainer.callback_handler.callbacks:
+                if isinstance(cb, ShowProgress):
+                    cb.close()
+        if self.signals.received is not None:
+            newest = checkpoints.newest(self.checkpoint_root)
+            raise Interrupted(f"interrupted at step {self.trainer.state.global_step}; checkpoint saved to {newest}; "
+                              f"continue with --resume", self.signals.received)
+        return result
+
+    def evaluate(self, result) -> dict[str, Any]:
+        state = self.trainer.state
+        metrics: dict[str, Any] = {"train": {
+            "loss": _last_logged_loss(self.log_path), "steps": state.global_step,
+            "epochs": round(state.epoch or 0.0, 4), "tokens": self.meter.total_tokens,
+            "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+            "samples": len(self.prepared.train), "rows": len(self.train_rows)}}
+        if self.eval_rows:
+            logged = [h for h in state.log_history if "eval_loss" in h and h.get("step") == state.global_step]
+            values = logged[-1] if logged else self.trainer.evaluate()
+            metrics["eval"] = {"loss": values["eval_loss"], "perplexity": values["eval_perplexity"],
+                               "tokens": values["eval_tokens"], "samples": len(self.prepared.eval)}
+        return metrics
+
+    def save(self, metrics: dict[str, Any]) -> None:
+        """The adapter is built beside the target and renamed into place."""
+        trainer = self.trainer
+        # Under FSDP each rank holds only a shard of every weight: gathering them is a collective all ranks join,
+        # and only rank 0 receives the full tensors.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+        if self.is_main:
+            _save_adapter(self.inputs, trainer, self.target, metrics, state_dict)
+            self.console.print(f"[green]adapter written to {self.target}[/]")
+        trainer.accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------- setup helpers
 
-TENSORBOARD = "tensorboard"  # event files, under output.dir
 
-
-def output_dir(loaded) -> Path:
+def output_dir(loaded: LoadedRecipe) -> Path:
     recipe = loaded.recipe
     return Path(recipe.output.dir) if recipe.output.dir else Path("adapters") / recipe.name
 
 
-def preflight(loaded, target: Path, options: Options) -> Path | None:
-    """Refuse to clobber an adapter or mix runs; return the checkpoint to resume from. May delete with --overwrite."""
+def preflight(loaded: LoadedRecipe, target: Path, options: Options) -> Path | None:
+    """Refuse to clobber an adapter or mix runs; return the checkpoint to resume from.
+
+    With --overwrite the old adapter is set aside, by the main process only. Idempotent: the launcher of
+    `--processes N` runs it, then every worker again (a worker started by torchrun has no launcher).
+    """
     checkpoint_root = target / checkpoints.CHECKPOINTS
     where = loaded.where("output", "dir")
     if options.resume:
@@ -166,14 +279,12 @@ def preflight(loaded, target: Path, options: Options) -> Path | None:
         if newest is None:
             raise LorachatError(f"--resume: no complete checkpoint under {checkpoint_root}", where)
         return newest
-    if os.environ.get(PREFLIGHT_DONE):
-        return None
     if looks_whole(target) and not options.overwrite:
         raise LorachatError(f"{target} already holds an adapter; use --overwrite to replace it", where)
     if checkpoints.complete(checkpoint_root) and not options.overwrite:
         raise LorachatError(f"{target} holds checkpoints of an unfinished run; use --resume to continue it "
                             f"or --overwrite to start over", where)
-    if options.overwrite and target.exists() and not options.dry_run:
+    if options.overwrite and target.exists() and not options.dry_run and distributed.rank() == 0:
         # Set aside, not deleted: the old adapter stays on disk (as .NAME.previous) until the new one is
         # published, so a run that fails or is killed has not cost the user what they had.
         previous = adapters.previous_of(target)
@@ -182,18 +293,11 @@ def preflight(loaded, target: Path, options: Options) -> Path | None:
     return None
 
 
-def _preflight_only(recipe_path, overrides, options: Options) -> None:
-    from ..recipe import load_recipe
-
-    loaded = load_recipe(recipe_path, list(overrides))
-    preflight(loaded, output_dir(loaded), options)
-
-
 def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[1])
 
 
-def _build_model(inputs, meta: bool) -> Any:
+def build_model(inputs, meta: bool) -> Any:
     """The base (real weights, or shapes only on the meta device for --dry-run) with LoRA attached."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -219,11 +323,7 @@ def _build_model(inputs, meta: bool) -> Any:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=training.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-            for module in model.modules():
-                # bitsandbytes repacks 4-bit weights in place for its CPU inference kernel the first time a layer
-                # runs in eval mode without grad (our eval passes), which breaks training steps after it.
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
+            _keep_4bit_weights_unpacked(model)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
         target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
@@ -234,6 +334,24 @@ def _build_model(inputs, meta: bool) -> Any:
         raise LorachatError(str(err).splitlines()[0], inputs.loaded.where("lora", "target_modules")) from None
 
 
+# bitsandbytes (checked: 0.50.2, the pinned version) repacks a Linear4bit's weight in place into its AVX512
+# CPU-inference layout the first time the layer runs in eval mode without grad (our eval passes), and the training
+# steps after it read the repacked buffer as if it were the plain one. Upstream tracks the same one-way CPU packing
+# for `.to()` in bitsandbytes-foundation/bitsandbytes#2078; re-check both when the pin moves.
+BNB_CPU_REPACK_CHECKED = "0.50.2"
+
+
+def _keep_4bit_weights_unpacked(model) -> None:
+    import bitsandbytes
+    from packaging.version import Version
+
+    if Version(bitsandbytes.__version__) > Version(BNB_CPU_REPACK_CHECKED):
+        return
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _steps(recipe, rows: int, processes: int) -> tuple[int, float]:
     """Optimizer steps and epochs, as Trainer counts them (a partial accumulation at epoch end is a step)."""
     t = recipe.training
@@ -242,21 +360,6 @@ def _steps(recipe, rows: int, processes: int) -> tuple[int, float]:
     if t.max_steps:
         return t.max_steps, round(t.max_steps / per_epoch, 3)
     return math.ceil(t.epochs * per_epoch), t.epochs
-
-
-def _plan(inputs, model, prepared, train_rows, target: Path, processes: int) -> Plan:
-    recipe = inputs.loaded.recipe
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    steps, epochs = _steps(recipe, len(train_rows), processes)
-    stats = prepared.stats["train"]
-    return Plan(base=f"{inputs.base.model_id} ({inputs.base.source}, {inputs.base.revision})",
-                dtype=str(model.dtype).removeprefix("torch."), quantization=recipe.base.quantization,
-                trainable_params=trainable, total_params=total, train_samples=len(prepared.train),
-                train_rows=len(train_rows), tokens=stats.tokens, trained_tokens=stats.trained,
-                eval_samples=len(prepared.eval), steps=steps, epochs=epochs,
-                effective_batch=recipe.training.batch_size * recipe.training.grad_accum * processes,
-                processes=processes, output=target)
 
 
 def print_plan(plan: Plan, console: Console) -> None:
@@ -277,60 +380,6 @@ def print_plan(plan: Plan, console: Console) -> None:
     console.print(table)
 
 
-def _build_trainer(inputs, model, train_rows, eval_rows, target, meter, signals, console):
-    import torch
-    from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from .trainer import LorachatTrainer
-
-    t = inputs.loaded.recipe.training
-    report_to = []
-    if t.report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401 - fail with one line here, not deep in transformers
-        except ImportError:
-            raise LorachatError("needs the tensorboard package: pip install tensorboard",
-                                inputs.loaded.where("training", "report_to")) from None
-        # Read by transformers' TensorBoardCallback when the Trainer builds it, i.e. for this run only.
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(target / TENSORBOARD)
-        report_to = ["tensorboard"]
-    fsdp = t.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    has_eval = bool(eval_rows)
-    args = TrainingArguments(
-        # use_cpu is what makes accelerate treat N CPU processes as one DDP job (gloo) instead of N lone runs.
-        use_cpu=not torch.cuda.is_available(),
-        output_dir=str(target / checkpoints.CHECKPOINTS),
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
-        num_train_epochs=t.epochs or 1.0, max_steps=t.max_steps or -1,
-        lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim=OPTIMIZERS[t.optimizer], seed=t.seed, data_seed=t.seed,
-        logging_steps=t.log_every, report_to=report_to,
-        save_strategy="steps" if t.save_every else "no", save_steps=t.save_every or 500,
-        eval_strategy="steps" if (t.eval_every and has_eval) else "no", eval_steps=t.eval_every,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=False,  # the base already computes in its own dtype; autocast would only add casts
-        disable_tqdm=True, remove_unused_columns=False, label_names=["shift_labels"],
-        dataloader_num_workers=0, dataloader_pin_memory=False, ddp_find_unused_parameters=False, save_only_model=False,
-        # FSDP2 (fully_shard), which runs on CPU with gloo; FSDP1 is deprecated in transformers. Each layer in the
-        # model's _no_split_modules becomes its own shard unit.
-        fsdp=fsdp, fsdp_config={"version": 2} if fsdp else None)
-    attn = getattr(model.config, "_attn_implementation", "") or ""
-    collator = Collator(pad_id=inputs.tokenizer.pad_token_id, flatten=attn.startswith("flash"))
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    trainer = LorachatTrainer(
-        model=model, args=args, train_dataset=RowDataset(train_rows),
-        eval_dataset=RowDataset(eval_rows) if has_eval else None, data_collator=collator,
-        callbacks=[MeterCallback(meter), JsonlLog(meter, target / "train_log.jsonl", t.log_every),
-                   *([ProgressBar(meter, console)] if is_main else []), StopOnSignal(signals)],
-        meter=meter, checkpoint_root=target / checkpoints.CHECKPOINTS, keep_checkpoints=t.keep_checkpoints)
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    return trainer
-
-
 def _last_logged_loss(path: Path) -> float | None:
     import json
 
@@ -347,6 +396,7 @@ def _last_logged_loss(path: Path) -> float | None:
 def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any], state_dict: dict | None) -> None:
     import errno
 
+    from ..adapters.domain import write_profile
     from ..models import model_facts
 
     recipe = inputs.loaded.recipe
@@ -355,6 +405,8 @@ def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any], state_
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, state_dict=state_dict)
         if (target / TENSORBOARD).is_dir():  # the run's event files belong with the adapter they describe
             shutil.copytree(target / TENSORBOARD, staging / TENSORBOARD)
+        # What its users' prompts look like, for routing (runtime.router); the manifest lists it like any file.
+        write_profile(staging, inputs.data.train)
         adapters.finish(staging, target, tokenizer=inputs.tokenizer, template_source=inputs.template.source,
                         recipe_yaml=inputs.loaded.to_yaml(), manifest=_manifest(inputs, model_facts(inputs.base)),
                         metrics=metrics, train_log=target / "train_log.jsonl")

@@ -1,4 +1,10 @@
-"""`transformers.Trainer` with lorachat's loss, token-weighted eval and atomic checkpoints."""
+"""TRL's `SFTTrainer` with lorachat's rows, loss, token-weighted eval, NaN stop and atomic checkpoints.
+
+SFTTrainer is fed rows lorachat already encoded, masked, packed and collates itself, so three of its defaults
+that cost time are off (see `sft_config`): its dataset preparation (tokenising, truncating, packing again),
+its fused-LM-head loss with per-step entropy and token-accuracy metrics (lorachat's loss runs the head only at
+trained positions), and its padding-free collator.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,10 @@ import errno
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import Trainer
+from trl import SFTConfig, SFTTrainer
 
 from ..errors import LorachatError, RunFailed
 from . import checkpoints
@@ -20,9 +27,31 @@ class NonFiniteLoss(RunFailed):
     """The loss became NaN or inf: the run stops, the last good checkpoint stays."""
 
 
-class LorachatTrainer(Trainer):
+def sft_config(**training_args: Any) -> SFTConfig:
+    """TRL's config for rows lorachat prepared itself; `training_args` are plain TrainingArguments fields."""
+    return SFTConfig(
+        **training_args,
+        # SFTTrainer would tokenise, truncate and pack the dataset again: it arrives encoded, masked and packed.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        packing=False, padding_free=False,  # packing and padding-free rows are lorachat's collator's job
+        # SFTConfig turns bf16 autocast on by default; the base already computes in its own dtype
+        # (models.pick_dtype), so autocast would only add casts.
+        bf16=False,
+        # SFTConfig's max_length truncates in dataset preparation, which is off; data.max_length already applied.
+        max_length=None,
+        remove_unused_columns=False, label_names=["shift_labels"])
+
+
+class LorachatTrainer(SFTTrainer):
     def __init__(self, *args, meter: StepMeter, checkpoint_root: Path, keep_checkpoints: int, **kwargs):
+        model = kwargs["model"]
+        adapter_dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
         super().__init__(*args, **kwargs)
+        # SFTTrainer casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice); lorachat keeps
+        # them in fp32 as PEFT made them, so small updates are not rounded away (run.py's docstring).
+        for name, p in self.model.named_parameters():
+            if name in adapter_dtypes and p.dtype != adapter_dtypes[name]:
+                p.data = p.data.to(adapter_dtypes[name])
         self.meter = meter
         self.checkpoint_root = checkpoint_root
         self.keep_checkpoints = keep_checkpoints
@@ -32,18 +61,29 @@ class LorachatTrainer(Trainer):
         # Trainer must not divide again by gradient_accumulation_steps.
         self.loss_is_scaled_for_ga = True
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """SFTTrainer writes a README.md into the checkpoint folder at every save; the adapter gets lorachat's own
+        card (adapters.render_card) when it is published."""
+
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        # accelerate turns on FSDP only for GPU-like backends: on CPU (MULTI_CPU, gloo) it drops the plugin and
-        # quietly runs DDP. FSDP2's fully_shard itself works on CPU with gloo, so finish the switch as
-        # AcceleratorState does on GPUs: both state singletons hold distributed_type, the accelerator the plugin.
+        # Guarded by the behaviour rather than a version range: no upstream issue tracks it (searched
+        # huggingface/accelerate, Nov 2026), so no release is known to fix it, and a version bound that passed the
+        # fix would silently turn `training.distributed: fsdp` on CPU back into DDP.
         if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
-            from accelerate.state import PartialState
-            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+            self._enable_fsdp_on_cpu()
 
-            PartialState().distributed_type = self.accelerator.state.distributed_type = DistributedType.FSDP
-            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-            self.is_fsdp_enabled = True
+    def _enable_fsdp_on_cpu(self) -> None:
+        """accelerate (checked up to 1.15) turns FSDP on only for GPU-like backends: `AcceleratorState.__init__`
+        sets `DistributedType.FSDP` for MULTI_GPU/NPU/XPU/... only, so on CPU (MULTI_CPU, gloo) it drops the plugin
+        and quietly runs DDP. FSDP2's fully_shard itself works on CPU with gloo, so finish the switch as
+        AcceleratorState does on GPUs: both state singletons hold distributed_type, the accelerator the plugin."""
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        PartialState().distributed_type = self.accelerator.state.distributed_type = DistributedType.FSDP
+        self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        self.is_fsdp_enabled = True
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # accelerate's FSDP saver writes the weights and the optimizer state in its own files, which neither the
@@ -57,10 +97,7 @@ class LorachatTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, trained = token_loss_sum(model, self.selector, inputs)
-        if not torch.isfinite(loss_sum):
-            where = self.checkpoint_root / (checkpoints.newest(self.checkpoint_root) or Path("(none yet)")).name
-            raise NonFiniteLoss(f"loss became {loss_sum.item()} at step {self.state.global_step + 1}; "
-                                f"stopped, last good checkpoint: {where} (try a lower training.lr)")
+        self._stop_if_not_finite(loss_sum)
         self.meter.add(loss_sum.item(), trained, int(inputs["real_tokens"]))
         denominator = num_items_in_batch if num_items_in_batch is not None else max(trained, 1)
         loss = loss_sum / denominator
@@ -68,6 +105,32 @@ class LorachatTrainer(Trainer):
             # num_items_in_batch counts every process's tokens, while DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
+
+    def _stop_if_not_finite(self, loss_sum: torch.Tensor) -> None:
+        """Raise NonFiniteLoss on every process when any process's loss is NaN or inf.
+
+        A rank that raised alone would leave the others waiting in the gradient all-reduce until the process
+        group's timeout; so every rank shares its verdict (one scalar all-reduce per micro-batch) and all stop.
+        """
+        world = self.accelerator.num_processes
+        verdict = [0.0] * world  # per rank: 0 finite, 1 nan, 2 inf
+        if not torch.isfinite(loss_sum):
+            verdict[self.accelerator.process_index] = 1.0 if torch.isnan(loss_sum) else 2.0
+        verdict = _all_sum(verdict)
+        bad = [rank for rank, v in enumerate(verdict) if v]
+        if not bad:
+            return
+        value = "nan" if verdict[bad[0]] == 1.0 else "inf"
+        on = f" on process {bad[0]} of {world}" if world > 1 else ""
+        where = self.checkpoint_root / (checkpoints.newest(self.checkpoint_root) or Path("(none yet)")).name
+        raise NonFiniteLoss(f"loss became {value} at step {self.state.global_step + 1}{on}; "
+                            f"stopped, last good checkpoint: {where} (try a lower training.lr)")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            # TRL's own token counter gathers across processes at every micro-batch; the meter already has it.
+            self._metrics["train"]["num_tokens"] = [self.meter.total_tokens]
+        super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Token-weighted eval loss (Trainer's own averages per-batch means)."""

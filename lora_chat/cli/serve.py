@@ -1,0 +1,62 @@
+"""`lorachat serve`: an OpenAI-compatible server for one base and many adapters (or vLLM's, with --engine vllm)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .main import err_console, main, report_errors
+
+
+@main.command()
+@click.argument("adapters", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--base", help="Base model (hub id or folder). Default: the one the first adapter was trained on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback exposes the models to your network.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--api-key", envvar="LORACHAT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 "
+              "(or set LORACHAT_API_KEY).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Most requests answered together in one batch (any mix of adapters).")
+@click.option("--allow-runtime-loading", is_flag=True,
+              help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter.")
+@click.option("--engine", type=click.Choice(["lorachat", "vllm"]), default="lorachat", show_default=True,
+              help="Who serves: lorachat's runtime in this process, or vLLM's OpenAI server on the same adapters.")
+@click.option("--vllm-python", metavar="PATH", help="Python of the environment vLLM is installed in "
+              "(default: $LORACHAT_VLLM_PYTHON, else the lorachat cache's vllm-venv).")
+@click.option("--print-command", is_flag=True, help="With --engine vllm: print vLLM's command instead of running it.")
+@report_errors
+def serve(adapters, base, host, port, api_key, max_batch, allow_runtime_loading, engine, vllm_python,
+          print_command) -> None:
+    """Serve the base and ADAPTERs over the OpenAI API: the request's `model` names an adapter, the base, or auto."""
+    from ..errors import LorachatError, Where
+
+    if engine == "vllm":
+        from ..serve.vllm import VllmOptions, build_command, run
+
+        launch = build_command(adapters, VllmOptions(host=host, port=port, api_key=api_key, base=base,
+                                                     python=vllm_python))
+        if print_command:
+            click.echo(launch.shell())
+            return
+        err_console.out(f"starting vLLM (about 100 s on a CPU): {launch.shell()}")
+        sys.exit(run(launch))
+    if print_command:
+        raise LorachatError("--print-command prints vLLM's command: add --engine vllm", Where(field="--print-command"))
+    if not adapters and not base:
+        raise LorachatError("name at least one adapter directory (or --base to serve a model alone)",
+                            Where(field="ADAPTER"))
+    from ..serve.app import ServeOptions
+    from ..serve.app import serve as run_server
+
+    # Routing decisions and request failures, one line each, on stderr beside uvicorn's own.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    for name in ("lora_chat.route", "lora_chat.serve"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    options = ServeOptions(host=host, port=port, api_key=api_key, max_batch=max_batch,
+                           allow_runtime_loading=allow_runtime_loading)
+    run_server(adapters, options, base=base, say=err_console.out)

@@ -1,0 +1,156 @@
+"""`lorachat serve`: the FastAPI app (routes, errors in OpenAI's shape, the API key, the static page) on uvicorn.
+
+    lorachat serve adapters/faq-en adapters/faq-sv                  # http://127.0.0.1:8000/v1
+    curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \
+         -d '{"model": "auto", "messages": [{"role": "user", "content": "Vad är bygglov?"}]}'
+
+The port is bound before the model loads, so a port in use fails in a second, not after the weights.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from ..errors import LorachatError, Where
+from .api_router import router
+from .batcher import Batcher
+from .protocol import ErrorInfo, ErrorResponse
+from .serving import ServeError, ServingChat, ServingCompletion, ServingModels
+
+STATIC = Path(__file__).parent / "static"  # a web page, when one is installed there, served at /
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch: int = 8
+    allow_runtime_loading: bool = False
+
+
+def build_app(rt: Any, options: ServeOptions) -> FastAPI:
+    """The app for a loaded `runtime.AdapterSet`; its batcher runs while the app does (lifespan)."""
+    batcher = Batcher(rt, max_batch=options.max_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="lorachat", lifespan=lifespan, docs_url=None, redoc_url=None)
+    models = ServingModels(rt, allow_runtime_loading=options.allow_runtime_loading)
+    app.state.models = models
+    app.state.batcher = batcher
+    app.state.chat = ServingChat(models, batcher)
+    app.state.completion = ServingCompletion(models, batcher)
+    app.include_router(router)
+    _add_error_handlers(app)
+    if options.api_key:
+        _require_key(app, options.api_key)
+    if STATIC.is_dir():
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")  # after the API: /v1 wins
+    return app
+
+
+def _error(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def serve_error(_: Request, err: ServeError) -> JSONResponse:
+        return JSONResponse(err.response.model_dump(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(_: Request, err: RequestValidationError) -> JSONResponse:
+        problems, params = [], []
+        for e in err.errors():
+            loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+            if e.get("type") == "json_invalid":
+                return _error(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}",
+                              code="invalid_json")
+            params.append(".".join(loc) or None)
+            problems.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+        return _error(400, "; ".join(problems), param=params[0] if params else None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return _error(err.status_code, str(err.detail), type=kind)
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, err: Exception) -> JSONResponse:
+        logging.getLogger("lora_chat.serve").exception("request failed")
+        return _error(500, f"{type(err).__name__}: {err}", type="server_error")
+
+
+def _require_key(app: FastAPI, key: str) -> None:
+    expected = f"Bearer {key}".encode()
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next: Callable):
+        if request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):  # constant time: no key guessing by timing
+                return _error(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'",
+                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it); a port in use is one line, exit 2."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise LorachatError(f"cannot resolve {host}: {err.strerror}", Where(field="--host")) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise LorachatError(f"port {port} on {host} is in use; pick another with --port",
+                                Where(field="--port")) from None
+        raise LorachatError(f"cannot listen on {host}:{port}: {err.strerror}", Where(field="--host")) from None
+    return sock
+
+
+def serve(adapters: Sequence[str], options: ServeOptions, *, base: str | None = None,
+          say: Callable[[str], None] = print) -> None:
+    """Bind, load the base and adapters once, and serve until interrupted."""
+    import uvicorn
+
+    from ..runtime import AdapterSet
+
+    sock = bind(options.host, options.port)
+    try:
+        rt = AdapterSet.open(adapters, base=base, say=say)
+        app = build_app(rt, options)
+        for note in app.state.models.router.notes:
+            say(f"note: {note}")
+        host = f"[{options.host}]" if ":" in options.host else options.host
+        say(f"serving {', '.join(app.state.models.names())} on http://{host}:{options.port}/v1")
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
