@@ -16,8 +16,9 @@ EN_ROWS = [chat(f"How long does a building permit take, case {i}?", "The process
 SV_ROWS = [chat(f"Hej, hur mår du idag, vän {i}?", "Jag mår bra, tack så mycket.") for i in range(8)]
 
 
-def train_adapter(root: Path, base: Path, name: str, rows: list, language: str | None, domain: str | None) -> Path:
-    """A tiny adapter written by `lorachat finetune` (one step: these tests need its files, not its skill)."""
+def train_adapter(root: Path, base: Path, name: str, rows: list, language: str | None, domain: str | None,
+                  steps: int = 1, lr: float = 1e-3) -> Path:
+    """A tiny adapter written by `lorachat finetune` (by default one step: most tests need its files, not its skill)."""
     out = root / "adapters" / name
     if (out / "manifest.json").is_file():
         return out
@@ -26,7 +27,7 @@ def train_adapter(root: Path, base: Path, name: str, rows: list, language: str |
     recipe = {"name": name, "base": {"model": str(base), "dtype": "float32"},
               "data": {"train": [{"path": str(data)}], "max_length": 128},
               "lora": {"r": 8, "alpha": 16},
-              "training": {"max_steps": 1, "batch_size": 2, "grad_accum": 1, "lr": 1e-3, "log_every": 1},
+              "training": {"max_steps": steps, "batch_size": 2, "grad_accum": 1, "lr": lr, "log_every": 1},
               "output": output}
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
