@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LorachatError, Where
+from ..templates.tokens import vllm_refusal
 from .store import AdapterInfo, looks_whole, read_adapter
 
 COMPAT_KEYS = ("architecture", "hidden_size", "num_hidden_layers", "vocab_size")
@@ -186,3 +187,44 @@ def _lora_shape_problem(kind: str, shape: list[int], weight: tuple[int, ...], tr
                            "lora_B": (shape[0], out_features, "out_features"),
                            "lora_magnitude_vector": (shape[0], out_features, "out_features")}[kind]
     return None if got == want else f"{what} {got} != base {want}"
+
+
+# The ranks vLLM compiles kernels for (`MaxLoRARanks` in vllm/config/lora.py); --max-lora-rank must be one.
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# init_lora_weights values that only set the starting weights, so the saved adapter is a plain LoRA.
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+
+
+def vllm_problems(adapter_dir: Path) -> list[str]:
+    """What stops vLLM from loading this adapter, read from PEFT's adapter_config.json (empty: it loads).
+
+    Mirrors what vLLM's `PEFTHelper.validate_legal` refuses (vllm/lora/peft_helper.py, 0.32) and what its weight
+    loader cannot map; `serve --engine vllm` and `adapters show` both ask it."""
+    try:
+        config: dict[str, Any] = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return [f"unreadable adapter_config.json: {err}"]
+    problems = []
+    if config.get("use_dora"):
+        problems.append("DoRA (lora.variant: dora): vLLM serves plain LoRA only; "
+                        "merge it into the base with `lorachat merge` and serve that")
+    extra = [m for m in config.get("modules_to_save") or [] if m not in ("classifier", "score")]
+    if extra:
+        problems.append(f"modules_to_save {extra}: vLLM cannot load fully trained modules; "
+                        f"train without lora.modules_to_save, or merge the adapter")
+    refusal = vllm_refusal(adapter_dir)
+    if refusal:
+        problems.append(refusal)
+    rank = max([int(config.get("r", 0)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+    if rank > VLLM_RANKS[-1]:
+        problems.append(f"rank {rank}: vLLM serves ranks up to {VLLM_RANKS[-1]}")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        problems.append("LoRA bias: vLLM does not load adapter biases")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in PLAIN_INITS:
+        problems.append(f"init_lora_weights={init!r} changes the base weights when loaded; vLLM cannot do that")
+    for key, what in (("layer_replication", "layer replication"), ("alora_invocation_tokens", "activated LoRA"),
+                      ("use_bdlora", "block-diagonal LoRA"), ("use_qalora", "QALoRA")):
+        if config.get(key):
+            problems.append(f"{what} ({key}): vLLM does not support it")
+    return problems

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LorachatError, Where
-from .compat import PEFT_CONFIG, PEFT_WEIGHTS
+from .compat import PEFT_CONFIG, PEFT_WEIGHTS, vllm_problems
 from .store import MANIFEST, METRICS, looks_whole, read_adapter
 
 
@@ -102,8 +102,8 @@ def find_adapters(root: str | Path) -> list[Path]:
 def runtimes(path: str | Path) -> list[Runtime]:
     """Which runtimes can load this adapter as it is, and why not where one cannot.
 
-    PEFT loads anything it wrote. vLLM's LoRA support (vllm/lora/peft_helper.py) refuses DoRA, modules_to_save and
-    trainable token rows. `lorachat export` (llama.cpp's GGUF LoRA) converts plain LoRA deltas only.
+    PEFT loads anything it wrote. vLLM's LoRA support refuses what `compat.vllm_problems` names (DoRA,
+    modules_to_save, trainable token rows, ...). `lorachat export` (llama.cpp's GGUF LoRA) converts plain LoRA deltas only.
     """
     path = Path(path)
     config = _json(path / PEFT_CONFIG)
@@ -117,10 +117,9 @@ def runtimes(path: str | Path) -> list[Runtime]:
     safetensors = (path / PEFT_WEIGHTS).is_file()
     peft = Runtime("PEFT", safetensors, "PeftModel.from_pretrained(base, folder)" if safetensors
                    else f"no {PEFT_WEIGHTS}")
-    vllm_problems = problems + (["trainable token rows (trainable_token_indices)"]
-                                if config.get("trainable_token_indices") else [])
-    vllm = Runtime("vLLM", safetensors and not vllm_problems,
-                   "; ".join(vllm_problems) if vllm_problems else "--enable-lora --lora-modules name=folder")
+    refused = vllm_problems(path)
+    vllm = Runtime("vLLM", safetensors and not refused,
+                   "; ".join(refused) if refused else "--enable-lora --lora-modules name=folder")
     llama = Runtime("llama.cpp", safetensors and not problems,
                     "; ".join(problems) if problems else "via `lorachat export` (GGUF LoRA)")
     return [peft, vllm, llama]

@@ -22,8 +22,10 @@ from .main import err_console, main, report_errors
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="0 = greedy (the same question, the same answer).")
 @click.option("--seed", type=int, help="Seed for sampling (temperature > 0).")
+@click.option("--force", is_flag=True,
+              help="Load adapters trained on another id or revision of a base with the same shapes (a warning).")
 @report_errors
-def chat(adapters, base, prompt, adapter, route, system, max_tokens, temperature, seed) -> None:
+def chat(adapters, base, prompt, adapter, route, system, max_tokens, temperature, seed, force) -> None:
     """Chat with the base and ADAPTERs, loaded once; /help inside lists the commands."""
     from ..chat import ChatSession, repl
     from ..errors import LorachatError, Where
@@ -32,7 +34,7 @@ def chat(adapters, base, prompt, adapter, route, system, max_tokens, temperature
     if not adapters and not base:
         raise LorachatError("name at least one adapter directory (or --base to chat with a model alone)",
                             Where(field="ADAPTER"))
-    rt = AdapterSet.open(adapters, base=base, say=err_console.out)
+    rt = AdapterSet.open(adapters, base=base, force=force, say=err_console.out)
     names = [r.name for r in rt.adapters]
     model = adapter or (names[0] if names else BASE)
     rt.get(model)  # an unknown --adapter is one line naming what is loaded

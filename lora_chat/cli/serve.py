@@ -27,9 +27,11 @@ from .main import err_console, main, report_errors
 @click.option("--vllm-python", metavar="PATH", help="Python of the environment vLLM is installed in "
               "(default: $LORACHAT_VLLM_PYTHON, else the lorachat cache's vllm-venv).")
 @click.option("--print-command", is_flag=True, help="With --engine vllm: print vLLM's command instead of running it.")
+@click.option("--force", is_flag=True,
+              help="Load adapters trained on another id or revision of a base with the same shapes (a warning).")
 @report_errors
 def serve(adapters, base, host, port, api_key, max_batch, allow_runtime_loading, engine, vllm_python,
-          print_command) -> None:
+          print_command, force) -> None:
     """Serve the base and ADAPTERs over the OpenAI API: the request's `model` names an adapter, the base, or auto."""
     from ..errors import LorachatError, Where
 
@@ -59,4 +61,4 @@ def serve(adapters, base, host, port, api_key, max_batch, allow_runtime_loading,
         logging.getLogger(name).setLevel(logging.INFO)
     options = ServeOptions(host=host, port=port, api_key=api_key, max_batch=max_batch,
                            allow_runtime_loading=allow_runtime_loading)
-    run_server(adapters, options, base=base, say=err_console.out)
+    run_server(adapters, options, base=base, force=force, say=err_console.out)

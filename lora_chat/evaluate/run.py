@@ -75,7 +75,7 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print, console: 
     """
     if bool(options.judge_url) != bool(options.judge_model):
         raise LorachatError("--judge-url and --judge-model go together", Where(field="--judge-url"))
-    plan = SetPlan.make(options.adapters, base=options.base)
+    plan = SetPlan.make(options.adapters, base=options.base, force=options.force)
     merged = _check_merged(options.models, plan)
     tokenizer = plan.tokenizer()
     for a in plan.adapters:

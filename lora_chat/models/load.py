@@ -154,8 +154,10 @@ def load_model(
     quantization: str = "none",
     trust_remote_code: bool = False,
     for_training: bool = True,
+    attn_implementation: str = "auto",
 ) -> PreTrainedModel:
-    """Load the causal LM with sdpa attention, in `pick_dtype(dtype)`, optionally 4/8-bit (bitsandbytes).
+    """Load the causal LM in `pick_dtype(dtype)`, optionally 4/8-bit (bitsandbytes), with sdpa attention
+    (`attn_implementation: auto`; eager where an architecture has no sdpa path) or the one asked for.
 
     On CUDA the weights load straight onto this process's GPU (`LOCAL_RANK`), which
     bitsandbytes needs anyway; on CPU they stay on CPU. `for_training` turns the KV
@@ -179,12 +181,13 @@ def load_model(
         # One process per GPU under accelerate/torchrun: each loads onto its own.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
+    attention = "sdpa" if attn_implementation == "auto" else attn_implementation
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(resolved.path), attn_implementation="sdpa", **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(resolved.path), attn_implementation=attention, **kwargs)
         except ValueError as err:
             # Some (remote-code) architectures have no sdpa path; eager is slower but works.
-            if "sdpa" not in str(err).lower():
+            if attn_implementation != "auto" or "sdpa" not in str(err).lower():
                 raise
             logger.info("note: %s does not support sdpa attention; using eager", resolved.model_id)
             model = AutoModelForCausalLM.from_pretrained(str(resolved.path), attn_implementation="eager", **kwargs)

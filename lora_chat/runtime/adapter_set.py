@@ -40,6 +40,7 @@ from ..models import ResolvedBase, load_model, load_tokenizer, model_facts, reso
 from ..models.facts import stop_ids
 from ..recipe import LoadedRecipe, load_recipe
 from ..templates import ChatTemplate, load_template
+from ..templates.tokens import AddedTokens, apply_added_tokens, restore_tokenizer
 
 BASE = "base"  # the name of the base model among the residents
 PEFT_BASE = "__base__"  # what PEFT calls "no adapter" in `adapter_names`
@@ -96,7 +97,9 @@ class SetPlan:
 
     @classmethod
     def make(cls, adapters: Sequence[str | Path] = (), *, base: str | None = None, dtype: str | None = None,
-             quantization: str | None = None, trust_remote_code: bool | None = None) -> SetPlan:
+             quantization: str | None = None, trust_remote_code: bool | None = None, force: bool = False) -> SetPlan:
+        """`force`: adapters trained on another id or revision of a base with the same shapes load, with a
+        warning in `notes` (a shape or architecture difference is refused always)."""
         opened = [_open(Path(p)) for p in adapters]
         if base is None and not opened:
             raise LorachatError("no adapter and no base model given", Where(field="ADAPTER"))
@@ -106,9 +109,9 @@ class SetPlan:
         resolved = resolve_base(model_id, revision, need_weights=False)
         facts = model_facts(resolved)
         _check_names([o.name for o in opened])
-        for o in opened:
-            check_compatible(o.info, facts)
         notes = []
+        for o in opened:
+            notes += check_compatible(o.info, facts, base=resolved, force=force)
         recorded = opened[0].info.manifest.get("base", {}).get("revision") if opened and base is None else None
         if recorded and resolved.revision not in (recorded, "local"):
             notes.append(f"the adapters were trained on {model_id} at revision {recorded}; found {resolved.revision}")
@@ -119,7 +122,11 @@ class SetPlan:
                    quantization or (first.quantization if first else "none"), trust_remote_code, notes)
 
     def tokenizer(self) -> Any:
-        return load_tokenizer(self.base, trust_remote_code=self.trust_remote_code)
+        """The base's tokenizer with the template tokens any adapter added to its vocabulary (templates/tokens.py)."""
+        tokenizer = load_tokenizer(self.base, trust_remote_code=self.trust_remote_code)
+        for o in self.adapters:
+            restore_tokenizer(tokenizer, o.info.manifest)
+        return tokenizer
 
     def load(self, tokenizer: Any = None, *, batch_invariant: bool = True,
              say: Callable[[str], None] = lambda line: None) -> AdapterSet:
@@ -132,6 +139,8 @@ class SetPlan:
         say(f"loading {resolved.model_id} ({self.dtype}, quantization {self.quantization})")
         model = load_model(resolved, dtype=self.dtype, quantization=self.quantization,
                            trust_remote_code=self.trust_remote_code, for_training=False)
+        for o in self.adapters:  # before any adapter loads: its saved rows fill the embedding rows added here
+            apply_added_tokens(model, tokenizer, o.info.manifest)
         if batch_invariant:
             from .invariant import use_invariant_kernels
 
@@ -167,7 +176,7 @@ class AdapterSet:
     @classmethod
     def open(cls, adapters: Sequence[str | Path] = (), *, base: str | None = None, dtype: str | None = None,
              quantization: str | None = None, trust_remote_code: bool | None = None, batch_invariant: bool = True,
-             say: Callable[[str], None] = lambda line: None) -> AdapterSet:
+             force: bool = False, say: Callable[[str], None] = lambda line: None) -> AdapterSet:
         """Load the base once and attach `adapters`; every adapter is checked before any weights load.
 
         `base` may also be a merged model folder with no adapters (eval compares one that way).
@@ -175,13 +184,16 @@ class AdapterSet:
         (see `invariant`); False runs the stock attention kernels, a little faster.
         """
         plan = SetPlan.make(adapters, base=base, dtype=dtype, quantization=quantization,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, force=force)
         return plan.load(batch_invariant=batch_invariant, say=say)
 
     def load(self, path: str | Path, name: str | None = None) -> Resident:
         """Attach one more adapter while running; checked against the base before its weights load."""
         o = _open(Path(path), name)
-        check_compatible(o.info, self.facts)
+        check_compatible(o.info, self.facts, base=self.base)
+        if AddedTokens.from_manifest(o.info.manifest) is not None:
+            raise LorachatError("this adapter adds template tokens to the base's vocabulary, which cannot change "
+                                "under running requests: start the runtime with it instead", Where(o.info.path))
         with self.lock:
             _check_names([*(n for n in self._residents if n != BASE), o.info.name])
             return self._attach(o)

@@ -137,7 +137,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(adapters: Sequence[str], options: ServeOptions, *, base: str | None = None,
+def serve(adapters: Sequence[str], options: ServeOptions, *, base: str | None = None, force: bool = False,
           say: Callable[[str], None] = print) -> None:
     """Bind, load the base and adapters once, and serve until interrupted."""
     import uvicorn
@@ -146,7 +146,7 @@ def serve(adapters: Sequence[str], options: ServeOptions, *, base: str | None = 
 
     sock = bind(options.host, options.port)
     try:
-        rt = AdapterSet.open(adapters, base=base, say=say)
+        rt = AdapterSet.open(adapters, base=base, force=force, say=say)
         app = build_app(rt, options)
         for note in app.state.models.router.notes:
             say(f"note: {note}")

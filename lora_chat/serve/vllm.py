@@ -24,15 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import AdapterInfo, check_compatible, read_adapter
+from ..adapters.compat import VLLM_RANKS, vllm_problems
 from ..errors import LorachatError, Where
 from ..files import user_cache_dir
 from ..models import model_facts, resolve_base
 
 PYTHON_ENV = "LORACHAT_VLLM_PYTHON"
-# The ranks vLLM compiles kernels for (`MaxLoRARanks` in vllm/config/lora.py); --max-lora-rank must be one.
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# init_lora_weights values that only set the starting weights, so the saved adapter is a plain LoRA.
-PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 # vLLM's KV cache on CPU is sized by this (GiB); its default (4) is more than a small CPU box spares.
 CPU_KV_CACHE_GIB = "1"
 
@@ -68,38 +65,6 @@ def find_python(flag: str | None) -> Path:
     if not chosen.is_file() or not os.access(chosen, os.X_OK):
         raise LorachatError(f"{chosen} is not an executable python", where)
     return chosen
-
-
-def vllm_problems(adapter_dir: Path) -> list[str]:
-    """What stops vLLM from loading this adapter, read from PEFT's adapter_config.json (empty: it loads)."""
-    try:
-        config: dict[str, Any] = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        return [f"unreadable adapter_config.json: {err}"]
-    problems = []
-    if config.get("use_dora"):
-        problems.append("DoRA (lora.variant: dora): vLLM serves plain LoRA only; "
-                        "merge it into the base with `lorachat merge` and serve that")
-    extra = [m for m in config.get("modules_to_save") or [] if m not in ("classifier", "score")]
-    if extra:
-        problems.append(f"modules_to_save {extra}: vLLM cannot load fully trained modules; "
-                        f"train without lora.modules_to_save, or merge the adapter")
-    if config.get("trainable_token_indices"):
-        problems.append("trainable token rows (trainable_token_indices): vLLM cannot load them; "
-                        "merge the adapter into the base")
-    rank = max([int(config.get("r", 0)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
-    if rank > VLLM_RANKS[-1]:
-        problems.append(f"rank {rank}: vLLM serves ranks up to {VLLM_RANKS[-1]}")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        problems.append("LoRA bias: vLLM does not load adapter biases")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() not in PLAIN_INITS:
-        problems.append(f"init_lora_weights={init!r} changes the base weights when loaded; vLLM cannot do that")
-    for key, what in (("layer_replication", "layer replication"), ("alora_invocation_tokens", "activated LoRA"),
-                      ("use_bdlora", "block-diagonal LoRA"), ("use_qalora", "QALoRA")):
-        if config.get(key):
-            problems.append(f"{what} ({key}): vLLM does not support it")
-    return problems
 
 
 def max_lora_rank(adapter_dirs: Sequence[Path]) -> int:

@@ -89,8 +89,15 @@ def worker_args(loaded: LoadedRecipe, options: Options) -> list[str]:
 
 
 def check_optimizer(loaded: LoadedRecipe) -> None:
-    """Refuse, before any weights load, an optimizer that cannot run on this machine."""
+    """Refuse, before any weights load, an optimizer or kernel (liger, flash-attention) this machine cannot run."""
     import torch
+
+    from ..errors import RecipeError
+    from ..recipe import cuda_only_problems
+
+    problems = cuda_only_problems(loaded, torch.cuda.is_available())
+    if problems:
+        raise RecipeError(problems)
 
     if loaded.recipe.training.optimizer == "adamw_8bit" and not torch.cuda.is_available():
         raise LorachatError("adamw_8bit: bitsandbytes' 8-bit optimizers need a CUDA GPU; on CPU use adamw "
@@ -171,6 +178,9 @@ class FinetuneRun:
             lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm, optim=OPTIMIZERS[t.optimizer], seed=t.seed, data_seed=t.seed,
             logging_steps=t.log_every, report_to=self.report_to(),
+            # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) patched in by the Trainer; CUDA only (check_optimizer).
+            # lorachat passes no labels, so its own trained-positions loss stays in charge of the head.
+            use_liger_kernel=t.kernels == "liger",
             save_strategy="steps" if t.save_every else "no", save_steps=t.save_every or 500,
             eval_strategy="steps" if (t.eval_every and has_eval) else "no", eval_steps=t.eval_every,
             activation_checkpointing=t.gradient_checkpointing,
@@ -317,7 +327,7 @@ def build_model(inputs, meta: bool) -> Any:
                                                      trust_remote_code=base_cfg.trust_remote_code)
     else:
         model = load_model(inputs.base, dtype=base_cfg.dtype, quantization=base_cfg.quantization,
-                           trust_remote_code=base_cfg.trust_remote_code)
+                           trust_remote_code=base_cfg.trust_remote_code, attn_implementation=base_cfg.attn_implementation)
         if base_cfg.quantization != "none":
             from peft import prepare_model_for_kbit_training
 
