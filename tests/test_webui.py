@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_helpers import EN_ROWS, SV_ROWS, LiveServer, train_adapter
+from lora_chat.serve.app import BackgroundServer
+from serve_helpers import EN_ROWS, SV_ROWS, train_adapter
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -46,10 +47,10 @@ def rt(adapters):
     return AdapterSet.open(list(adapters))
 
 
-def _live(rt, **options) -> LiveServer:
+def _live(rt, **options) -> BackgroundServer:
     from lora_chat.serve.app import ServeOptions, build_app
 
-    return LiveServer(build_app(rt, ServeOptions(**options)))
+    return BackgroundServer(build_app(rt, ServeOptions(**options)))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def browser():
     driver.quit()
 
 
-def page_url(server: LiveServer, query: str = "") -> str:
+def page_url(server: BackgroundServer, query: str = "") -> str:
     return server.url.removesuffix("/v1") + "/" + query
 
 
