@@ -35,7 +35,7 @@ from .main import console, err_console, main, report_errors
               help="Directory for report.json, report.md and report.html.")
 @report_errors
 def eval_(adapters, data, base, models, max_samples, max_new_tokens, temperature, seed, batch_size, fast, judge_url,
-          judge_model, out) -> None:
+          judge_model, force, out) -> None:
     """Base vs adapters on the same held-out conversations: loss, generation metrics, judge, reports."""
     from rich.table import Table
 

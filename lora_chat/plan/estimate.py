@@ -100,7 +100,7 @@ def make_plan(recipe_path: str | Path, overrides: list[str] = (), gpu: str | Non
     except LorachatError as err:
         raise type(err)(err.reason, loaded.where("base", "model")) from None
     shape = Shape.from_config(_read_config(base), Where(base.path / "config.json"))
-    lengths = _lengths(loaded, list(overrides), base, chars_per_token)
+    lengths = _lengths(loaded, base, chars_per_token)
     setup = setup_of(loaded, lengths)
     steps = optimizer_steps(loaded, lengths)
     util = utilisation or default_utilisation(setup)
@@ -126,12 +126,12 @@ def _read_config(base: ResolvedBase) -> dict[str, Any]:
     return config
 
 
-def _lengths(loaded: LoadedRecipe, overrides: list[str], base: ResolvedBase, chars_per_token: float) -> DataLengths:
+def _lengths(loaded: LoadedRecipe, base: ResolvedBase, chars_per_token: float) -> DataLengths:
     if any((base.path / name).is_file() for name in TOKENIZER_FILES):
         from ..encoding import prepare
         from ..inputs import load_inputs
 
-        inputs = load_inputs(loaded.path, overrides)
+        inputs = load_inputs(loaded)
         stats = prepare(inputs.loaded, inputs.data, inputs.template).stats["train"]
         return DataLengths(stats.kept, stats.tokens, stats.trained, max(stats.lengths, default=0),
                            "measured with the base's tokenizer and chat template")

@@ -233,5 +233,5 @@ def vllm_refusal(adapter_dir: str | Path) -> str | None:
     if not trains_token_rows(adapter_dir):
         return None
     return (f"{Path(adapter_dir).name} trains embedding rows for tokens it added to the base's vocabulary "
-            f"(PEFT trainable_token_indices), which vLLM does not load as a LoRA; merge it into the base "
+            f"(trainable token rows, PEFT's trainable_token_indices), which vLLM does not load as a LoRA; merge it into the base "
             f"(lorachat merge {adapter_dir} --out DIR) and serve the merged model")
