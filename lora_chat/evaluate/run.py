@@ -113,7 +113,7 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print, console: 
             "base": {"model_id": base.model_id, "revision": base.revision, "source": base.source},
             "decoding": vars(options.decoding), "generation": generation,
             "judge": {"url": judge.url, "model": judge.model} if judge else None,
-            "notes": plan.notes + ([base.note] if base.note else []) + notes}
+            "notes": plan.notes + plan.warnings + ([base.note] if base.note else []) + notes}
     report = build_report(models, datasets, options.seed, meta)
     for path in write_reports(report, Path(options.out)):
         say(f"wrote {path}")

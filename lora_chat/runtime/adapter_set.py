@@ -94,6 +94,7 @@ class SetPlan:
     quantization: str
     trust_remote_code: bool
     notes: list[str]
+    warnings: list[str]  # what --force let through: shown as warnings, kept in eval's report notes
 
     @classmethod
     def make(cls, adapters: Sequence[str | Path] = (), *, base: str | None = None, dtype: str | None = None,
@@ -109,9 +110,10 @@ class SetPlan:
         resolved = resolve_base(model_id, revision, need_weights=False)
         facts = model_facts(resolved)
         _check_names([o.name for o in opened])
-        notes = []
+        warnings = []
         for o in opened:
-            notes += check_compatible(o.info, facts, base=resolved, force=force)
+            warnings += check_compatible(o.info, facts, base=resolved, force=force)
+        notes = []
         recorded = opened[0].info.manifest.get("base", {}).get("revision") if opened and base is None else None
         if recorded and resolved.revision not in (recorded, "local"):
             notes.append(f"the adapters were trained on {model_id} at revision {recorded}; found {resolved.revision}")
@@ -119,7 +121,7 @@ class SetPlan:
             trust_remote_code = bool(opened) and all(o.loaded and o.loaded.recipe.base.trust_remote_code
                                                      for o in opened)
         return cls(resolved, model_id, revision, opened, dtype or (first.dtype if first else "auto"),
-                   quantization or (first.quantization if first else "none"), trust_remote_code, notes)
+                   quantization or (first.quantization if first else "none"), trust_remote_code, notes, warnings)
 
     def tokenizer(self) -> Any:
         """The base's tokenizer with the template tokens any adapter added to its vocabulary (templates/tokens.py)."""
@@ -135,6 +137,8 @@ class SetPlan:
         notes = ([resolved.note] if resolved.note else []) + self.notes
         for note in notes:
             say(f"note: {note}")
+        for warning in self.warnings:
+            say(f"warning: {warning}")
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer()
         say(f"loading {resolved.model_id} ({self.dtype}, quantization {self.quantization})")
         model = load_model(resolved, dtype=self.dtype, quantization=self.quantization,
@@ -297,10 +301,15 @@ class AdapterSet:
         return ChatTemplate(source, self.tokenizer, f"{BASE} tokenizer")
 
     def _stop_ids(self, adapter_dir: Path | None) -> tuple[int, ...]:
-        """The base's end-of-turn ids, plus the eos the adapter's saved tokenizer names (its template may end
-        turns with a token the base's tokenizer does not call eos)."""
+        """The base's end-of-turn ids, plus the adapter's own: those of its generation config, and the eos its saved
+        tokenizer names (its template may end turns with a token the base's tokenizer does not call eos)."""
         ids = set(stop_ids(self.tokenizer, self.base))
         if adapter_dir is not None:
+            # An adapter that added template tokens saves a generation config naming its end-of-turn token.
+            generation = adapter_dir / "generation_config.json"
+            if generation.is_file():
+                eos = json.loads(generation.read_text(encoding="utf-8")).get("eos_token_id")
+                ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
             config = adapter_dir / "tokenizer_config.json"
             if config.is_file():
                 eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
