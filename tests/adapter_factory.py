@@ -47,7 +47,7 @@ def layered(*layers: dict) -> dict:
     return sections
 
 
-def finetune_adapter(root: Path, name: str, base: Path, rows: list[dict] | None = None, **sections: dict) -> Path:
+def finetune_adapter(root: Path, name: str, base_model: Path, rows: list[dict] | None = None, **sections: dict) -> Path:
     """Write `name`.yaml and its data under `root`, train it with `lorachat finetune`, return its folder.
 
     The defaults are the smallest recipe that trains: one step of batch 2, the recipe's default LoRA, no eval split,
@@ -55,7 +55,7 @@ def finetune_adapter(root: Path, name: str, base: Path, rows: list[dict] | None 
     Each keyword is a recipe section merged over them, e.g. lora={"r": 8}, template={"file": ...}.
     """
     recipe = {"name": name, **layered({
-        "base": {"model": str(base), "dtype": "float32"},
+        "base": {"model": str(base_model), "dtype": "float32"},
         "data": {"train": [{"path": str(root / f"{name}.jsonl")}], "max_length": 128},
         "training": {"max_steps": 1, "batch_size": 2, "grad_accum": 1},
         "output": {"dir": str(root / "adapters" / name)},
@@ -69,13 +69,13 @@ def finetune_adapter(root: Path, name: str, base: Path, rows: list[dict] | None 
     return Path(recipe["output"]["dir"])
 
 
-def trained_once(tmp_path_factory, name: str, base: Path, rows: list[dict] | None = None, *, key: str | None = None,
-            **sections: dict) -> Path:
+def trained_once(tmp_path_factory, name: str, base_model: Path, rows: list[dict] | None = None, *,
+                 key: str | None = None, **sections: dict) -> Path:
     """`finetune_adapter` once per session for each `key` (the name unless given): one key, one recipe."""
     root = tmp_path_factory.getbasetemp() / "trained" / (key or name)
     adapter = root / "adapters" / name
     if not (adapter / "manifest.json").is_file():
-        finetune_adapter(root, name, base, rows, **sections)
+        finetune_adapter(root, name, base_model, rows, **sections)
     return adapter
 
 
