@@ -79,6 +79,16 @@ def trained_once(tmp_path_factory, name: str, base_model: Path, rows: list[dict]
     return adapter
 
 
+def faq_moved(tmp_path_factory, base_model: Path) -> Path:
+    """faq, MOVED, once per session: the adapter the merge, combine and export modules share."""
+    return trained_once(tmp_path_factory, "faq", base_model, **MOVED)
+
+
+def faq_moved_4bit(tmp_path_factory, base_model: Path) -> Path:
+    """faq-qlora, MOVED on the 4-bit base, once per session (merge and combine)."""
+    return trained_once(tmp_path_factory, "faq-qlora", base_model, **layered(MOVED, {"base": {"quantization": "4bit"}}))
+
+
 def tiny_adapters(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(base, faq-en, talk-sv) for chat, serve and router: one per language and domain, each with its domain
     profile, on a tiny base of their own, built once per session."""

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from adapter_factory import MOVED, layered, trained_once
+from adapter_factory import MOVED, faq_moved, layered, trained_once
 from lora_chat.cli import main
 
 PEFT = "base_model.model.model.layers.{}.{}.lora_{}.weight"
@@ -24,7 +24,7 @@ MODULES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_att
 
 @pytest.fixture
 def adapter(tmp_path_factory, tiny_base) -> Path:
-    return trained_once(tmp_path_factory, "faq", tiny_base, **MOVED)
+    return faq_moved(tmp_path_factory, tiny_base)
 
 
 def export(adapter: Path, out: Path, *more: str) -> tuple[int, str]:

@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from adapter_factory import MOVED, copy_of, finetune_adapter, layered, trained_once
+from adapter_factory import MOVED, copy_of, faq_moved, faq_moved_4bit, finetune_adapter, layered, trained_once
 from lora_chat.adapters import verify
 from lora_chat.cli import main
 
@@ -30,13 +30,13 @@ def base(tiny_base) -> Path:
 
 @pytest.fixture
 def en(tmp_path_factory, tiny_base) -> Path:
-    return trained_once(tmp_path_factory, "faq", tiny_base, **MOVED)
+    return faq_moved(tmp_path_factory, tiny_base)
 
 
 @pytest.fixture
 def sv(tmp_path_factory, tiny_base) -> Path:
     """Another rank-4 adapter of the same base and template: trained on the 4-bit base, which combines alike."""
-    return trained_once(tmp_path_factory, "faq-qlora", tiny_base, **layered(MOVED, {"base": {"quantization": "4bit"}}))
+    return faq_moved_4bit(tmp_path_factory, tiny_base)
 
 
 @pytest.fixture
