@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,22 @@ def build_tiny_base(path: Path, *, chat_template: str = CHATML, hidden_size: int
 def tiny_base(tmp_path_factory) -> Path:
     """Path to a tiny random chat model folder (shared by the session; treat it as read-only)."""
     return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_base) -> Path:
+    """faq-en (construction, English), one step of `lorachat finetune` on tiny_base, trained once per session and
+    shared by the adapter and share modules: read it, or change a private copy (`adapter`)."""
+    from adapter_factory import trained_once  # not at the top: adapter_factory imports this module's helpers
+
+    return trained_once(tmp_path_factory, "faq-en", tiny_base, data={"train": [{"path": "train.jsonl"}]},
+                        output={"domain": "construction", "language": "en"})
+
+
+@pytest.fixture
+def adapter(trained, tmp_path) -> Path:
+    """A private copy of `trained` under tmp_path/adapters/faq-en."""
+    return Path(shutil.copytree(trained, tmp_path / "adapters" / "faq-en"))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

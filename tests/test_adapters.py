@@ -9,22 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from adapter_factory import finetune_adapter
 from lora_chat.adapters import check_compatible, read_adapter, update_metrics, verify
 from lora_chat.cli import main
 from lora_chat.errors import LorachatError
 from lora_chat.models import model_facts, resolve_base
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_base) -> Path:
-    """A real adapter from `lorachat finetune`, trained once for this module."""
-    return finetune_adapter(tmp_path_factory.mktemp("trained"), tiny_base)
-
-
-@pytest.fixture
-def adapter(trained, tmp_path) -> Path:
-    return Path(shutil.copytree(trained, tmp_path / "adapters" / "faq-en"))
 
 
 def facts(**changes) -> dict:

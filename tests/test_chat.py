@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
+from adapter_factory import tiny_adapters
 from lora_chat.cli import main
-from serve_helpers import tiny_adapters
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from adapter_helpers import finetune_adapter
+from adapter_factory import DISTINCT, finetune_adapter, layered
 from conftest import chat, sample_rows, write_jsonl
 from lora_chat.cli import main
 from lora_chat.evaluate import metrics, stats
@@ -21,9 +21,9 @@ from lora_chat.evaluate import metrics, stats
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_base) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    faq = finetune_adapter(root, "faq-en", tiny_base, sample_rows(12), seed=1)
+    faq = finetune_adapter(root, "faq-en", tiny_base, sample_rows(12), **layered(DISTINCT, {"training": {"seed": 1}}))
     hello = [chat(f"Hello {i}!", f"Hello! How can I help you today? ({i})") for i in range(12)]
-    return faq, finetune_adapter(root, "hello-en", tiny_base, hello, seed=2)
+    return faq, finetune_adapter(root, "hello-en", tiny_base, hello, **layered(DISTINCT, {"training": {"seed": 2}}))
 
 
 @pytest.fixture

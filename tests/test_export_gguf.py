@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from adapter_factory import trained
+from adapter_factory import MOVED, faq_moved, layered, trained_once
 from lora_chat.cli import main
 
 PEFT = "base_model.model.model.layers.{}.{}.lora_{}.weight"
@@ -24,7 +24,7 @@ MODULES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_att
 
 @pytest.fixture
 def adapter(tmp_path_factory, tiny_base) -> Path:
-    return trained(tmp_path_factory, "faq", tiny_base)
+    return faq_moved(tmp_path_factory, tiny_base)
 
 
 def export(adapter: Path, out: Path, *more: str) -> tuple[int, str]:
@@ -83,7 +83,7 @@ def test_export_prints_the_ollama_modelfile_lines(adapter, tmp_path):
 
 def test_rslora_scale_is_folded_into_b(tmp_path_factory, tiny_base, tmp_path):
     """llama.cpp scales by alpha / r; PEFT scales rsLoRA by alpha / sqrt(r), so B carries sqrt(r) more."""
-    rslora = trained(tmp_path_factory, "faq-rslora", tiny_base, lora={"variant": "rslora"})
+    rslora = trained_once(tmp_path_factory, "faq-rslora", tiny_base, **layered(MOVED, {"lora": {"variant": "rslora"}}))
     out = tmp_path / "rslora.gguf"
     code, output = export(rslora, out)
     assert code == 0, output
@@ -93,7 +93,7 @@ def test_rslora_scale_is_folded_into_b(tmp_path_factory, tiny_base, tmp_path):
 
 
 def test_dora_adapter_is_refused_in_one_line(tmp_path_factory, tiny_base, tmp_path):
-    dora = trained(tmp_path_factory, "faq-dora", tiny_base, lora={"variant": "dora"})
+    dora = trained_once(tmp_path_factory, "faq-dora", tiny_base, **layered(MOVED, {"lora": {"variant": "dora"}}))
     out = tmp_path / "dora.gguf"
     code, output = export(dora, out)
     assert code == 2

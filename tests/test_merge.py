@@ -17,7 +17,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from adapter_factory import copy_of, trained
+from adapter_factory import copy_of, faq_moved, faq_moved_4bit
 from lora_chat.cli import main
 
 PROMPT = [{"role": "user", "content": "Question 3: how long does a building permit take?"},
@@ -36,12 +36,12 @@ def base(tiny_base) -> Path:
 
 @pytest.fixture
 def adapter(tmp_path_factory, tiny_base) -> Path:
-    return trained(tmp_path_factory, "faq", tiny_base)
+    return faq_moved(tmp_path_factory, tiny_base)
 
 
 @pytest.fixture
 def qlora_adapter(tmp_path_factory, tiny_base) -> Path:
-    return trained(tmp_path_factory, "faq-qlora", tiny_base, base={"quantization": "4bit"})
+    return faq_moved_4bit(tmp_path_factory, tiny_base)
 
 
 def merge(*args: str) -> tuple[int, str]:

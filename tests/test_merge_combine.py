@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from adapter_factory import copy_of, train_adapter, trained
+from adapter_factory import MOVED, copy_of, faq_moved, faq_moved_4bit, finetune_adapter, layered, trained_once
 from lora_chat.adapters import verify
 from lora_chat.cli import main
 
@@ -30,18 +30,18 @@ def base(tiny_base) -> Path:
 
 @pytest.fixture
 def en(tmp_path_factory, tiny_base) -> Path:
-    return trained(tmp_path_factory, "faq", tiny_base)
+    return faq_moved(tmp_path_factory, tiny_base)
 
 
 @pytest.fixture
 def sv(tmp_path_factory, tiny_base) -> Path:
     """Another rank-4 adapter of the same base and template: trained on the 4-bit base, which combines alike."""
-    return trained(tmp_path_factory, "faq-qlora", tiny_base, base={"quantization": "4bit"})
+    return faq_moved_4bit(tmp_path_factory, tiny_base)
 
 
 @pytest.fixture
 def rank8(tmp_path_factory, tiny_base) -> Path:
-    return trained(tmp_path_factory, "faq-r8", tiny_base, lora={"r": 8, "alpha": 16})
+    return trained_once(tmp_path_factory, "faq-r8", tiny_base, **layered(MOVED, {"lora": {"r": 8, "alpha": 16}}))
 
 
 def merge(*args) -> tuple[int, str]:
@@ -104,13 +104,13 @@ def test_every_method_gives_an_adapter_peft_loads(root, base, en, sv, method):
 
 
 def other_template(root: Path, base: Path) -> Path:
-    return train_adapter(root, "faq-zephyr", base, template={"name": "zephyr"})
+    return finetune_adapter(root, "faq-zephyr", base, **layered(MOVED, {"template": {"name": "zephyr"}}))
 
 
 def other_base(root: Path, base: Path) -> Path:
     """The same model at another path counts as another base: lorachat cannot tell two folders' weights apart
     from config.json alone, and a fine-tune of the same shapes would pass any shape check."""
-    return train_adapter(root, "faq-other-base", Path(shutil.copytree(base, root / "another-base")))
+    return finetune_adapter(root, "faq-other-base", Path(shutil.copytree(base, root / "another-base")), **MOVED)
 
 
 def no_manifest(root: Path, adapter: Path) -> Path:

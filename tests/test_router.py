@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from adapter_factory import tiny_adapters
 from lora_chat.adapters import verify
 from lora_chat.adapters.domain import PROFILE, DomainProfile
 from lora_chat.errors import LorachatError
 from lora_chat.runtime.router import RouteTarget, Router
-from serve_helpers import tiny_adapters
 
 CONSTRUCTION = ["Hur lång tid tar ett bygglov?", "Behöver jag bygglov för en altan?", "Vad kostar ett bygglov?",
                 "Vem ansvarar för kontrollplanen?", "Vad är en kontrollansvarig?"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter_helpers import finetune_adapter
+from adapter_factory import DISTINCT, finetune_adapter, layered
 from conftest import chat, sample_rows
 from lora_chat.errors import LorachatError
 from lora_chat.runtime import BASE, AdapterSet, Request, Sampling, generate, stream
@@ -31,8 +31,9 @@ def trained(tmp_path_factory, tiny_base) -> dict[str, Path]:
     plain = root / "plain.jinja"
     plain.write_text(PLAIN, encoding="utf-8")
     hello = [chat(f"Hello {i}!", f"Hello! How can I help you today? ({i})") for i in range(12)]
-    return {"faq": finetune_adapter(root, "faq-en", tiny_base, sample_rows(12)),
-            "hello": finetune_adapter(root, "hello-en", tiny_base, hello, seed=7, template=str(plain))}
+    return {"faq": finetune_adapter(root, "faq-en", tiny_base, sample_rows(12), **DISTINCT),
+            "hello": finetune_adapter(root, "hello-en", tiny_base, hello,
+                                      **layered(DISTINCT, {"training": {"seed": 7}, "template": {"file": str(plain)}}))}
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import openai
 import pytest
 from click.testing import CliRunner
 
+from adapter_factory import tiny_adapters
 from lora_chat.cli import main
 from lora_chat.serve.app import BackgroundServer
-from serve_helpers import tiny_adapters
 
 
 @pytest.fixture(scope="module")

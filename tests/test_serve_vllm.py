@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from adapter_factory import tiny_adapters
 from lora_chat.cli import main
 from lora_chat.serve.vllm import default_python, vllm_problems
-from serve_helpers import tiny_adapters
 
 VARIANTS = {  # adapter_config.json edits -> does vLLM load it?
     "plain": ({}, True),

@@ -1,6 +1,7 @@
 """Sharing adapters: list, show, verify, pack and unpack, each as a user meets it, on a real trained adapter.
 
-One adapter is trained with `lorachat finetune` on the tiny model for the whole module; each test works on a copy.
+One adapter is trained with `lorachat finetune` on the tiny model for the session (conftest's `trained`); each test
+works on a copy (`adapter`).
 Hostile archives are built here byte by byte with tarfile, as an attacker would.
 """
 
@@ -17,21 +18,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from adapter_factory import finetune_adapter
 from lora_chat.adapters.inspect import runtimes
 from lora_chat.cli import main
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_base) -> Path:
-    """A real adapter from `lorachat finetune`, trained once for this module; tests copy it before changing it."""
-    return finetune_adapter(tmp_path_factory.mktemp("trained"), tiny_base)
-
-
-@pytest.fixture
-def adapter(trained, tmp_path) -> Path:
-    """A private copy of the trained adapter under tmp_path/adapters/faq-en."""
-    return Path(shutil.copytree(trained, tmp_path / "adapters" / "faq-en"))
 
 
 def run(*args: str):

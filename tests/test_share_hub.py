@@ -16,17 +16,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from adapter_factory import finetune_adapter
 from fake_hub import FakeHub
 from lora_chat.cli import main
 
 TOKEN = "hf_lorachatTestTokenNeverShown"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_base) -> Path:
-    """A real adapter from `lorachat finetune`, trained once for this module; tests copy it before changing it."""
-    return finetune_adapter(tmp_path_factory.mktemp("trained"), tiny_base)
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from adapter_factory import EN_ROWS, SERVED, SV_ROWS, finetune_adapter, layered
 from lora_chat.serve.app import BackgroundServer
-from serve_helpers import EN_ROWS, SV_ROWS, train_adapter
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -36,8 +36,11 @@ def adapters(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("webui")
     base = build_tiny_base(root / "base")
-    return (train_adapter(root, base, "faq-en", EN_ROWS, "en", "construction", steps=8, lr=0.05),
-            train_adapter(root, base, "talk-sv", SV_ROWS, "sv", "smalltalk", steps=8, lr=0.05))
+    longer = {"training": {"max_steps": 8, "lr": 0.05}}
+    return (finetune_adapter(root, "faq-en", base, EN_ROWS,
+                             **layered(SERVED, longer, {"output": {"language": "en", "domain": "construction"}})),
+            finetune_adapter(root, "talk-sv", base, SV_ROWS,
+                             **layered(SERVED, longer, {"output": {"language": "sv", "domain": "smalltalk"}})))
 
 
 @pytest.fixture(scope="module")
