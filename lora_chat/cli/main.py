@@ -14,7 +14,6 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import click
 from rich.console import Console, ConsoleDimensions

@@ -10,13 +10,21 @@ from ..errors import ModelError, Where
 from .resolve import ResolvedBase, one_line
 
 
-def model_facts(resolved: ResolvedBase) -> dict[str, Any]:
-    """Architecture, sizes and model_type from config.json alone (no torch, no weights)."""
+def read_config(resolved: ResolvedBase) -> dict[str, Any]:
+    """The base's config.json as a dict; one line naming the file when it is missing or not a JSON object."""
     path = resolved.path / "config.json"
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot read {path}: {one_line(err)}", Where(file=path)) from err
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} is not a JSON object", Where(file=path))
+    return config
+
+
+def model_facts(resolved: ResolvedBase) -> dict[str, Any]:
+    """Architecture, sizes and model_type from config.json alone (no torch, no weights)."""
+    config = read_config(resolved)
     # Multimodal configs keep the language model's sizes under text_config.
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
 
@@ -42,11 +50,7 @@ _DECODER_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 def refuse_encoder_only(resolved: ResolvedBase) -> None:
     """Refuse (one line, from config.json alone, before any weights load) a base that cannot generate:
     BERT, RoBERTa and their kin, unless their config makes them a decoder (`is_decoder: true`)."""
-    path = resolved.path / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read {path}: {one_line(err)}", Where(file=path)) from err
+    config = read_config(resolved)
     architectures = config.get("architectures") or []
     if config.get("is_decoder") or any(a.endswith(_DECODER_HEADS) for a in architectures):
         return

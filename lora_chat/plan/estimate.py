@@ -7,7 +7,6 @@ taken as `max_length` long. The plan says which.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from ..errors import LorachatError, Where
 from ..models import ResolvedBase, resolve_base
+from ..models.facts import read_config
 from ..recipe import LoadedRecipe, load_recipe
 from .gpus import GPUS, Gpu, find_gpu
 from .memory import GIB, LINEARS, Breakdown, Setup, Shape, estimate
@@ -99,7 +99,7 @@ def make_plan(recipe_path: str | Path, overrides: list[str] = (), gpu: str | Non
         base = resolve_base(recipe.base.model, recipe.base.revision, need_weights=False)
     except LorachatError as err:
         raise type(err)(err.reason, loaded.where("base", "model")) from None
-    shape = Shape.from_config(_read_config(base), Where(base.path / "config.json"))
+    shape = Shape.from_config(read_config(base), Where(base.path / "config.json"))
     lengths = _lengths(loaded, base, chars_per_token)
     setup = setup_of(loaded, lengths)
     steps = optimizer_steps(loaded, lengths)
@@ -113,17 +113,6 @@ def make_plan(recipe_path: str | Path, overrides: list[str] = (), gpu: str | Non
     if not plan.card.fits:
         plan.suggestions = suggestions(loaded, shape, setup, lengths, chosen, util)
     return plan
-
-
-def _read_config(base: ResolvedBase) -> dict[str, Any]:
-    path = base.path / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise LorachatError(f"cannot read config.json: {err}", Where(path)) from None
-    if not isinstance(config, dict):
-        raise LorachatError("config.json is not a JSON object", Where(path))
-    return config
 
 
 def _lengths(loaded: LoadedRecipe, base: ResolvedBase, chars_per_token: float) -> DataLengths:

@@ -21,7 +21,6 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..adapters import AdapterInfo, check_compatible, read_adapter
 from ..adapters.compat import VLLM_RANKS, vllm_problems

@@ -419,7 +419,6 @@ def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any], state_
     from ..adapters.domain import write_profile
     from ..models import model_facts
 
-    recipe = inputs.loaded.recipe
     staging = adapters.staging_dir(target)
     try:
         model = trainer.accelerator.unwrap_model(trainer.model)
