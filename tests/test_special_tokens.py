@@ -153,6 +153,36 @@ def test_vllm_is_refused_for_an_adapter_that_trains_token_rows_and_merge_is_name
     assert reason is not None and "vLLM does not load" in reason and f"lorachat merge {trained}" in reason
 
 
+def test_merge_carries_the_added_tokens_into_a_model_that_stops_on_them(trained, tmp_path):
+    """The way to serve such an adapter at scale: merged, the model has the new vocabulary and stop token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", str(trained), "--out", str(out), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert len(tokenizer) == 352 and model.get_input_embeddings().num_embeddings == 352
+    assert end in ([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int)
+                   else model.generation_config.eos_token_id)
+    ids = tokenizer("<|im_start|>user\nsay hello<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt",
+                    add_special_tokens=False).input_ids
+    with torch.no_grad():
+        reply = model.generate(input_ids=ids, max_new_tokens=20, do_sample=False,
+                               pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+    assert reply[-1].item() == end and tokenizer.decode(reply, skip_special_tokens=True) == REPLY
+
+
+def test_export_and_combine_refuse_an_adapter_with_added_tokens_and_name_merge(trained, tmp_path):
+    exported = CliRunner().invoke(main, ["export", str(trained), "--format", "gguf", "--out", str(tmp_path / "x.gguf")])
+    assert exported.exit_code == 2 and "lorachat merge" in exported.output and not (tmp_path / "x.gguf").exists()
+    combined = CliRunner().invoke(main, ["merge", str(trained), str(trained), "--method", "linear", "--weights",
+                                         "0.5,0.5", "--out", str(tmp_path / "both")])
+    assert combined.exit_code == 2 and "lorachat merge" in combined.output and not (tmp_path / "both").exists()
+
+
 def test_a_base_without_chat_template_and_template_auto_lists_the_built_ins(tmp_path, gpt2_base):
     """Its one line names the base, the built-ins and both ways to choose (template.name, template.file)."""
     path = write_recipe(tmp_path, gpt2_base)

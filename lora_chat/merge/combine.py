@@ -87,6 +87,11 @@ def check_parents(parents: list[Parent], method: str, say: Callable[[str], None]
     `force`, bases that differ only in identity (model id, same shapes) are a warning."""
     first = parents[0]
     base = first.info.manifest.get("base", {})
+    for parent in parents:
+        if parent.peft_config.get("trainable_token_indices"):
+            raise LorachatError("this adapter trains rows of template tokens it added to the base's vocabulary, "
+                                "which PEFT's add_weighted_adapter does not combine; merge it into the base with "
+                                "`lorachat merge` instead", Where(parent.path))
     for other in parents[1:]:
         theirs = other.info.manifest.get("base", {})
         differs = [key for key in ("model_id", *COMPAT_KEYS) if theirs.get(key) != base.get(key)]

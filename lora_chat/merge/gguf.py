@@ -149,6 +149,9 @@ def _refuse_unsupported(parent: Parent) -> None:
                        f"LoRA file; merge it into the base instead)")
     if lora.get("bias", "none") != "none" or lora.get("lora_bias"):
         reasons.append("trained biases (llama.cpp's LoRA files hold only the A and B matrices)")
+    if lora.get("trainable_token_indices"):
+        reasons.append("template tokens it added to the base's vocabulary (a LoRA file cannot grow the base GGUF's "
+                       "vocabulary; merge it into the base with `lorachat merge` and convert that model instead)")
     if reasons:
         raise LorachatError(f"llama.cpp cannot load this adapter: {'; '.join(reasons)}", Where(parent.path))
 

@@ -35,6 +35,7 @@ from ..errors import DataError, LorachatError, RunFailed, Where
 from ..files import match_umask, sha256_file, write_text_atomic
 from ..models import ResolvedBase, load_model, load_tokenizer
 from ..templates import ChatTemplate
+from ..templates.tokens import apply_added_tokens, restore_tokenizer
 from .source import Parent, open_adapter, refuse_existing, resolve_checked, written_or_nothing
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -91,13 +92,14 @@ def merge_into_base(options: MergeOptions, say: Callable[[str], None] = print) -
 
     # 2. sample inputs from the adapter's own held-out rows
     tokenizer = load_tokenizer(base, trust_remote_code=parent.loaded.recipe.base.trust_remote_code)
+    restore_tokenizer(tokenizer, parent.info.manifest)  # template tokens the adapter added, at the same ids
     tokenizer.chat_template = parent.template_source
     inputs, drawn_from = sample_inputs(parent, tokenizer, options.samples)
 
     # 3-4. the base as the adapter saw it, in float; the reference logits with the adapter on
     say(f"loading {base.model_id} in {dtype}" + (f" ({quantization} as trained, to be dequantized)"
                                                  if quantization != "none" else ""))
-    model = _adapter_on_base(parent, base, dtype, quantization)
+    model = _adapter_on_base(parent, base, dtype, quantization, tokenizer)
     reference = logits(model, inputs)
 
     # 5. merge and write beside --out
@@ -171,11 +173,14 @@ def logits(model: Any, inputs: list[list[int]]) -> list[Any]:
         return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in inputs]
 
 
-def _adapter_on_base(parent: Parent, base: ResolvedBase, dtype: str, quantization: str) -> Any:
+def _adapter_on_base(parent: Parent, base: ResolvedBase, dtype: str, quantization: str, tokenizer: Any) -> Any:
     from peft import PeftModel
 
     model = load_model(base, dtype=dtype, quantization=quantization, for_training=False,
                        trust_remote_code=parent.loaded.recipe.base.trust_remote_code)
+    # The vocabulary the adapter was trained with: added rows (filled by the adapter's saved ones) and stop token,
+    # so the merged model carries them and vLLM can serve it.
+    apply_added_tokens(model, tokenizer, parent.info.manifest)
     peft = PeftModel.from_pretrained(model, str(parent.path))
     peft.eval()
     return peft
