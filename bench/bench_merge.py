@@ -29,10 +29,11 @@ def results(quick: bool) -> list[dict]:
     from peft import LoraConfig, get_peft_model
 
     from lora_chat.inputs import load_inputs
+    from lora_chat.recipe import load_recipe
     from lora_chat.models import load_model
 
     batch, repeats = (4, 3) if quick else (8, 10)
-    inputs = load_inputs(RECIPE, need_weights=True)
+    inputs = load_inputs(load_recipe(RECIPE), need_weights=True)
     texts = [inputs.template.render(inputs.template.messages_of(c)) for c in inputs.data.train[:batch]]
     encoded = inputs.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     model = load_model(inputs.base, dtype="auto", for_training=False)

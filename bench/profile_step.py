@@ -35,13 +35,14 @@ def main() -> None:
     from lora_chat.inputs import load_inputs
     from lora_chat.train.collate import Collator, to_rows
     from lora_chat.train.loss import TrainedPositions, token_loss_sum
-    from lora_chat.train.run import _build_model
+    from lora_chat.recipe import load_recipe
+    from lora_chat.train.run import build_model
 
-    inputs = load_inputs(ROOT / "recipes" / "quickstart.yaml", args.overrides, need_weights=True)
+    inputs = load_inputs(load_recipe(ROOT / "recipes" / "quickstart.yaml", args.overrides), need_weights=True)
     recipe = inputs.loaded.recipe
     rows = to_rows(prepare(inputs.loaded, inputs.data, inputs.template).train, recipe.training.packing,
                    recipe.data.max_length)
-    model = _build_model(inputs, meta=False)
+    model = build_model(inputs, meta=False)
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
