@@ -62,14 +62,6 @@ def user_cache_dir() -> Path:
     return Path.home() / ".cache" / "lorachat"
 
 
-def match_umask(path: Path) -> None:
-    """Give a folder written through temp files (mkdtemp 0700, safetensors' 0600) the modes the umask asks for."""
-    mask = current_umask()
-    path.chmod(0o777 & ~mask)
-    for item in path.rglob("*"):
-        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
-
-
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

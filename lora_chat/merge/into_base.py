@@ -32,7 +32,7 @@ from ..adapters.store import install, staging_dir
 from ..data.loading import load_data
 from ..encoding import encode_split
 from ..errors import DataError, LorachatError, RunFailed, Where
-from ..files import match_umask, sha256_file, write_text_atomic
+from ..files import modes_from_umask, sha256_file, write_text_atomic
 from ..models import ResolvedBase, load_model, load_tokenizer
 from ..templates import ChatTemplate
 from ..templates.tokens import apply_added_tokens, restore_tokenizer
@@ -134,7 +134,7 @@ def merge_into_base(options: MergeOptions, say: Callable[[str], None] = print) -
 
         # 7. card, then publish
         write_text_atomic(staging / "README.md", render_card(parent, base, result, drawn_from))
-        match_umask(staging)
+        modes_from_umask(staging)
         install(staging, out)
     return result
 

@@ -16,6 +16,16 @@ def _models(raw: Request) -> ServingModels:
     return raw.app.state.models
 
 
+async def _answer(handler: ServingChat | ServingCompletion, request: ChatCompletionRequest | CompletionRequest):
+    """Both completion routes: the handler places the request, then streams it (SSE) or answers whole; either
+    way the router's decision rides along in the headers."""
+    target, ids = handler.prepare(request)
+    if request.stream:
+        return StreamingResponse(handler.stream(request, target, ids), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **target.headers()})
+    return JSONResponse((await handler.create(request, target, ids)).model_dump(), headers=target.headers())
+
+
 @router.get("/v1/models")
 async def show_models(raw: Request) -> JSONResponse:
     return JSONResponse(_models(raw).list().model_dump())
@@ -23,22 +33,12 @@ async def show_models(raw: Request) -> JSONResponse:
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(request: ChatCompletionRequest, raw: Request):
-    handler: ServingChat = raw.app.state.chat
-    target, ids = handler.prepare(request)
-    if request.stream:
-        return StreamingResponse(handler.stream(request, target, ids), media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **target.headers()})
-    return JSONResponse((await handler.create(request, target, ids)).model_dump(), headers=target.headers())
+    return await _answer(raw.app.state.chat, request)
 
 
 @router.post("/v1/completions")
 async def create_completion(request: CompletionRequest, raw: Request):
-    handler: ServingCompletion = raw.app.state.completion
-    target, ids = handler.prepare(request)
-    if request.stream:
-        return StreamingResponse(handler.stream(request, target, ids), media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **target.headers()})
-    return JSONResponse((await handler.create(request, target, ids)).model_dump(), headers=target.headers())
+    return await _answer(raw.app.state.completion, request)
 
 
 # Plain functions, so FastAPI runs them in its thread pool: loading weights must not stall the event loop.
