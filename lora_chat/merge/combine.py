@@ -83,15 +83,11 @@ def check_options(options: CombineOptions) -> tuple[tuple[float, ...], float | N
 
 def check_parents(parents: list[Parent], method: str, say: Callable[[str], None] = print,
                   force: bool = False) -> None:
-    """One base, one template, plain LoRA, and equal ranks where `method` needs them (one line each). With
+    """One base, one template, plain LoRA, and equal ranks where `method` needs them (one line each). How the
+    parents relate is checked before what each one is, so the first line names the most basic mismatch. With
     `force`, bases that differ only in identity (model id, same shapes) are a warning."""
     first = parents[0]
     base = first.info.manifest.get("base", {})
-    for parent in parents:
-        if parent.peft_config.get("trainable_token_indices"):
-            raise LorachatError("this adapter trains rows of template tokens it added to the base's vocabulary, "
-                                "which PEFT's add_weighted_adapter does not combine; merge it into the base with "
-                                "`lorachat merge` instead", Where(parent.path))
     for other in parents[1:]:
         theirs = other.info.manifest.get("base", {})
         differs = [key for key in ("model_id", *COMPAT_KEYS) if theirs.get(key) != base.get(key)]
@@ -109,6 +105,10 @@ def check_parents(parents: list[Parent], method: str, say: Callable[[str], None]
                                 Where(other.path))
     for parent in parents:
         config = parent.peft_config
+        if config.get("trainable_token_indices"):
+            raise LorachatError("this adapter trains rows of template tokens it added to the base's vocabulary, "
+                                "which PEFT's add_weighted_adapter does not combine; merge it into the base with "
+                                "`lorachat merge` instead", Where(parent.path))
         if config.get("peft_type", "LORA") != "LORA":
             raise LorachatError(f"a {config.get('peft_type')} adapter: only LoRA adapters combine", Where(parent.path))
         if config.get("use_dora"):
