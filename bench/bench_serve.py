@@ -78,11 +78,11 @@ def language_routing() -> list[dict]:
         right = sum(router.route(t).adapter == f"adapter-{code}" for t in texts)
         unrestricted = sum(identifier().classify(t)[0] == code for t in texts)
         found.append(_row(f"route by language: {code} ({len(texts)} lines of 3-8 words)", 100 * right / len(texts),
-                          "%", "py3langid among all languages", 100 * unrestricted / len(texts), ">= 95"))
+                          "%", "py3langid among all languages", 100 * unrestricted / len(texts), ">= 95 %"))
     others = [t for t, lang in lines if lang in OTHER_LANGUAGES]
     to_base = sum(router.route(t).adapter is None for t in others)
     found.append(_row(f"none of these: tr/ru/id lines to the base ({len(others)} lines)", 100 * to_base / len(others),
-                      "%", "no floor", 0.0, ">= 90"))
+                      "%", "no floor", 0.0, ">= 90 %"))
     return found
 
 
@@ -118,7 +118,7 @@ def domain_routing(languages: tuple[str, ...]) -> list[dict]:
         first = next(iter(splits))
         found.append(_row(f"route by domain: {' vs '.join(splits)} ({len(held_out)} held-out prompts)",
                           100 * right / len(held_out), "%", "language alone (first adapter)",
-                          100 * sum(name == first for name, _ in held_out) / len(held_out), ">= 90"))
+                          100 * sum(name == first for name, _ in held_out) / len(held_out), ">= 90 %"))
     return found
 
 

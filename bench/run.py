@@ -71,11 +71,18 @@ def run_one(name: str, quick: bool) -> tuple[list[dict], str | None, float]:
 
 
 def met(row: dict) -> str:
-    goal, value = str(row.get("goal") or ""), row["ratio"] if row.get("ratio") is not None else row["value"]
-    for op in ("<=", ">="):
-        if goal.startswith(op) and value is not None:
-            target = float(goal[2:].split()[0])
-            return "yes" if (value <= target if op == "<=" else value >= target) else "NO"
+    """A goal written with a unit ("<= 5 ms overhead", ">= 95 %") is on the value; a bare number is on the ratio
+    (or on the value, where a row has no ratio)."""
+    goal = str(row.get("goal") or "").strip()
+    for op in ("<=", ">=", "="):
+        if goal.startswith(op):
+            number, _, unit = goal[len(op):].strip().partition(" ")
+            value = row["value"] if unit or row.get("ratio") is None else row["ratio"]
+            if value is None:
+                return "-"
+            target = float(number)
+            ok = {"<=": value <= target, ">=": value >= target, "=": value == target}[op]
+            return "yes" if ok else "NO"
     return "-"
 
 

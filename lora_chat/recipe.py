@@ -120,7 +120,9 @@ class Data(_Section):
 class Lora(_Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) for rslora).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "Dropout on the LoRA input. Off by default, as in PEFT and Unsloth: PEFT draws a mask over every adapted "
+        "layer's input at each step, which cost 16-19% of training speed here (bench/RESULTS.md)."))
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="all-linear, or module names such as [q_proj, v_proj]."
     )

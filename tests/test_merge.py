@@ -148,7 +148,7 @@ def test_full_disk_mid_write_is_one_line_and_leaves_nothing(root, adapter, monke
     monkeypatch.setattr(into_base, "write_text_atomic", full)  # the card, written after the weights
     out = root / "full"
     code, output = merge(adapter, "--out", out)
-    assert code == 1
+    assert code == 2
     assert output.strip().splitlines()[-1] == f"error: {out}: cannot write: disk full; nothing was written"
     assert not out.exists() and not [p for p in root.iterdir() if p.name.startswith(".full")]
 

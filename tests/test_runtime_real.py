@@ -3,12 +3,14 @@
 The tiny random model hides what breaks on a real one: its matrices are too small for the matmul
 kernels to change blocking with the batch. Here 32 real FAQ prompts are answered greedily (short
 replies, to stay fast) alone and in batches of other sizes, in other orders and next to rows of an
-adapter, and every reply must be the same token for token.
+adapter, and every reply must be the same token for token: through the runtime that eval uses, and
+through `lorachat serve` with all of them sent at once.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,37 @@ def test_rows_of_the_adapter_and_the_base_batched_together_equal_each_row_alone(
     alone = replies(rt, jobs, 1)
     assert replies(rt, jobs, len(jobs)) == alone
     assert alone[0::2] != alone[1::2], "the adapter should answer some prompt differently from the base"
+
+
+def test_served_answers_to_32_concurrent_mixed_requests_equal_each_request_sent_alone(setup):
+    import openai
+
+    from lora_chat.serve.app import BackgroundServer, ServeOptions, build_app
+
+    rt, prompts = setup
+    server = BackgroundServer(build_app(rt, ServeOptions()))
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=600)
+        jobs = [(rt.base.model_id if i % 2 else "faq", p) for i, p in enumerate(prompts)]
+
+        def ask(job: tuple[str, str]) -> str:
+            return client.completions.create(model=job[0], prompt=job[1], max_tokens=TOKENS).choices[0].text
+
+        alone = [ask(job) for job in jobs]
+        together: dict[int, str] = {}
+        barrier = threading.Barrier(len(jobs))
+
+        def send(i: int) -> None:
+            barrier.wait()
+            together[i] = ask(jobs[i])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(jobs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        batched = sum(n for size, n in server.app.state.batcher.batch_sizes.items() if size > 1)
+    finally:
+        server.stop()
+    assert batched > 0, "the concurrent requests should have shared batches"
+    assert [together[i] for i in range(len(jobs))] == alone

@@ -74,7 +74,7 @@ class MergeResult:
 
 
 def merge_into_base(options: MergeOptions, say: Callable[[str], None] = print) -> MergeResult:
-    """Merge, check and publish; RunFailed (nothing at --out) when the check fails or the disk fills."""
+    """Merge, check and publish; RunFailed (nothing at --out) when the check fails; a full disk is a one-line error too."""
     import torch
 
     # 1. everything that can be refused, before any weights

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import TEMPLATE, AdapterInfo, check_compatible, read_adapter, verify
-from ..errors import LorachatError, RunFailed, Where
+from ..errors import LorachatError, Where
 from ..models import ResolvedBase, model_facts, resolve_base
 from ..recipe import LoadedRecipe, load_recipe
 
@@ -72,12 +72,13 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def written_or_nothing(staging: Path, out: Path) -> Iterator[None]:
-    """Remove `staging` unless the block published it; a full disk or other OSError becomes one line (exit 1)."""
+    """Remove `staging` unless the block published it; a full disk or other OSError becomes one line. Exit 2, as
+    for bad input: nothing was trained or lost, and the user's fix is the output place (free space, another --out)."""
     try:
         yield
     except OSError as err:
         reason = "disk full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise RunFailed(f"cannot write: {reason}; nothing was written", Where(out)) from err
+        raise LorachatError(f"cannot write: {reason}; nothing was written", Where(out)) from err
     finally:
         if staging.exists():
             if staging.is_dir():
