@@ -2,6 +2,7 @@
 depend on the batch.
 
     HF_HUB_OFFLINE=1 python bench/bench_eval.py [--quick] [--prompts 32] [--max-new-tokens 32] [--batch-size 16]
+        [--dtype bfloat16] [--fast]
 
 Both sides run in this process on the real bundled SmolLM2-135M-Instruct, in the dtype the quickstart
 recipe resolves to here (`auto`: bfloat16 on CPUs with native bf16, else float32), on the same prompts:
@@ -26,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 
 
-def measure(prompts: int, max_new_tokens: int, batch_size: int) -> dict:
+def measure(prompts: int, max_new_tokens: int, batch_size: int, dtype: str | None = None, fast: bool = False) -> dict:
     import torch
 
     from lora_chat.evaluate.generate import Decoding, generate_replies
@@ -37,7 +38,8 @@ def measure(prompts: int, max_new_tokens: int, batch_size: int) -> dict:
     inputs = load_inputs(load_recipe(RECIPE))
     conversations = (inputs.data.eval + inputs.data.train)[:prompts]
     texts = [inputs.template.prompt(c) for c in conversations]
-    rt = AdapterSet.open(base=inputs.loaded.recipe.base.model, dtype=inputs.loaded.recipe.base.dtype)
+    rt = AdapterSet.open(base=inputs.loaded.recipe.base.model, dtype=dtype or inputs.loaded.recipe.base.dtype,
+                         batch_invariant=not fast)
     model, tokenizer = rt.model, rt.tokenizer
     stops = list(rt.get("base").stop_ids)
     print(f"{len(texts)} prompts, max_new_tokens={max_new_tokens}, batch_size={batch_size}, dtype={rt.dtype}, "
@@ -75,11 +77,12 @@ def measure(prompts: int, max_new_tokens: int, batch_size: int) -> dict:
 
 
 def results(quick: bool, prompts: int | None = None, max_new_tokens: int | None = None,
-            batch_size: int = 16) -> list[dict]:
-    run = measure(prompts or (16 if quick else 32), max_new_tokens or (16 if quick else 32), batch_size)
+            batch_size: int = 16, dtype: str | None = None, fast: bool = False) -> list[dict]:
+    run = measure(prompts or (16 if quick else 32), max_new_tokens or (16 if quick else 32), batch_size, dtype, fast)
+    kernels = "stock kernels (--fast)" if fast else "batch-invariant"
     n, t = run["prompts"], run["timings"]
     return [
-        {"name": f"eval generation speed ({run['dtype']}, batch-invariant)", "value": round(t["eval batched"], 2),
+        {"name": f"eval generation speed ({run['dtype']}, {kernels})", "value": round(t["eval batched"], 2),
          "unit": "s", "baseline": "one-at-a-time generate loop", "baseline_value": round(t["naive loop"], 2),
          "ratio": round(t["naive loop"] / t["eval batched"], 2), "goal": ">= 2"},
         {"name": "eval identical replies, batched vs alone", "value": run["identical"], "unit": "replies",
@@ -96,8 +99,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int)
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="Instead of the recipe's (auto).")
+    parser.add_argument("--fast", action="store_true", help="The runtime's stock kernels, as `eval --fast`.")
     args = parser.parse_args()
-    for r in results(args.quick, args.prompts, args.max_new_tokens, args.batch_size):
+    for r in results(args.quick, args.prompts, args.max_new_tokens, args.batch_size, args.dtype, args.fast):
         print(f"{r['name']:52s} {r['value']:>8} {r['unit']:7s} vs {r['baseline_value']:>8} ({r['baseline']}): "
               f"{r['ratio']:.2f}x (goal {r['goal']})")
 

@@ -155,3 +155,17 @@ def test_an_adapter_for_another_base_is_refused_before_any_weights_load(trained,
 def test_a_prompt_longer_than_the_context_is_refused(rt):
     with pytest.raises(LorachatError, match="the prompt is 600 tokens; the model's context is 512"):
         generate(rt, [Request(BASE, [5] * 600)])
+
+
+def test_a_qlora_adapter_on_its_4bit_base_answers_as_alone_in_any_batch(tmp_path_factory, tiny_base):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from adapter_factory import faq_moved_4bit
+
+    qlora = AdapterSet.open([faq_moved_4bit(tmp_path_factory, tiny_base)])
+    four_bit = [m for m in qlora.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and all("forward" in vars(m) for m in four_bit), "every 4-bit layer runs on fixed tiles"
+    requests = [ask(qlora, name, q) for q in QUESTIONS for name in (BASE, "faq-qlora")]
+    alone = [generate(qlora, [r])[0].token_ids for r in requests]
+    assert [c.token_ids for c in generate(qlora, requests)] == alone

@@ -3,7 +3,7 @@
 Two things make a greedy reply change with its batch on CPU, both measured on SmolLM2-135M:
   1. matmul shapes. MKL's float32 GEMM gives a row different bits for different row counts M
      (M = 1 takes a GEMV path; M = 2..300 change the blocking), and the row count of every linear
-     layer is batch x tokens. Fix: while the runtime decodes, every plain `nn.Linear` runs on tiles
+     layer is batch x tokens. Fix: while the runtime decodes, every `nn.Linear` runs on tiles
      of exactly `DECODE_TILE` (one token per row) or `PREFILL_TILE` rows (prompts), the last tile
      zero-padded. With M fixed, a row gets the same bits at any position in the tile, next to any
      other rows (checked for every SmolLM2 shape), so alone and batched agree. oneDNN's bf16 GEMM
@@ -17,7 +17,7 @@ holds each row's keys at the positions a lone row would have, so neither needs a
 Cost: decode steps always pay for `DECODE_TILE` rows (a lone request computes 8 rows, which on a
 memory-bound CPU step costs little), prompts are padded to a multiple of `PREFILL_TILE` rows, and
 attention runs one SDPA call per row per layer. Outside the runtime's decode loop (eval's loss,
-training) the stock kernels run unchanged. 4-bit layers (bitsandbytes) are not tiled.
+training) the stock kernels run unchanged. bitsandbytes' 4-bit and 8-bit layers are tiled the same way.
 """
 
 from __future__ import annotations
@@ -83,14 +83,22 @@ def tiled_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, on fixed tiles of rows while `tiles(...)` is active, else the stock call."""
     tile = _tile.get()
     if tile is None:
-        return torch.nn.functional.linear(x, module.weight, module.bias)
+        return _linear(module, x)
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
     rows = flat.shape[0]
     pad = -rows % tile
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])  # (M + pad, K)
-    out = torch.cat([torch.nn.functional.linear(t, module.weight, module.bias) for t in flat.split(tile)])
+    out = torch.cat([_linear(module, t) for t in flat.split(tile)])
     return out[:rows].reshape(*x.shape[:-1], out.shape[-1])  # (..., N)
+
+
+def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # bitsandbytes' 4-bit and 8-bit layers subclass nn.Linear with forwards of their own (dequantize, then
+    # multiply); a fixed row count per call pins their kernels' shapes just as it does a plain GEMM's.
+    if type(module) is torch.nn.Linear:
+        return torch.nn.functional.linear(x, module.weight, module.bias)
+    return type(module).forward(module, x)
 
 
 @contextlib.contextmanager
@@ -104,7 +112,8 @@ def tiles(prefill: bool) -> Iterator[None]:
 
 
 def use_invariant_kernels(model: Any) -> None:
-    """Switch `model` to the invariant attention and give every plain `nn.Linear` the tiled forward.
+    """Switch `model` to the invariant attention and give every `nn.Linear` (4-bit and 8-bit ones too) the tiled
+    forward.
 
     Idempotent: call it again after attaching an adapter, so its LoRA matrices are tiled too.
     """
@@ -117,6 +126,5 @@ def use_invariant_kernels(model: Any) -> None:
     if model.config._attn_implementation != NAME:
         model.set_attn_implementation(NAME)
     for module in model.modules():
-        # Exactly nn.Linear: bitsandbytes' 4-bit and 8-bit layers subclass it with forwards of their own.
-        if type(module) is torch.nn.Linear and "forward" not in vars(module):
+        if isinstance(module, torch.nn.Linear) and "forward" not in vars(module):
             module.forward = functools.partial(tiled_linear, module)
