@@ -1,8 +1,9 @@
-"""Ground floor: file helpers every layer shares (hashing, atomic writes, the umask, the cache folder)."""
+"""Ground floor: file helpers every layer shares (hashing, lenient JSON reads, atomic writes, the umask, the cache folder)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,16 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path`, or {} when it is missing, unreadable or not an object: for the optional files an
+    adapter may carry (metrics, PEFT's config), shown where they exist and skipped where they do not."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def write_text_atomic(path: Path, text: str) -> None:

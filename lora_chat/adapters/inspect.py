@@ -5,12 +5,12 @@ Read from files alone (manifest, PEFT's config, metrics, the safetensors header)
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import LorachatError, Where
+from ..files import read_json_object
 from .compat import PEFT_CONFIG, PEFT_WEIGHTS, vllm_problems
 from .store import MANIFEST, METRICS, looks_whole, read_adapter
 
@@ -45,14 +45,6 @@ class Summary:
         return asdict(self)
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def variant_of(config: dict[str, Any]) -> str:
     return "dora" if config.get("use_dora") else "rslora" if config.get("use_rslora") else "lora"
 
@@ -73,7 +65,7 @@ def _eval_summary(metrics: dict[str, Any]) -> tuple[float | None, float | None, 
 def summarize(path: str | Path) -> Summary:
     """The facts of one adapter folder (a lorachat adapter, or a plain PEFT one without a manifest)."""
     path = Path(path)
-    config = _json(path / PEFT_CONFIG)
+    config = read_json_object(path / PEFT_CONFIG)
     if looks_whole(path):
         info = read_adapter(path)
         manifest = info.manifest
@@ -83,7 +75,7 @@ def summarize(path: str | Path) -> Summary:
         manifest, base_id, revision = {}, config.get("base_model_name_or_path"), config.get("revision")
     else:
         raise LorachatError(f"not an adapter: neither {MANIFEST} nor {PEFT_CONFIG}", Where(path))
-    loss, base_loss, vs_base = _eval_summary(_json(path / METRICS))
+    loss, base_loss, vs_base = _eval_summary(read_json_object(path / METRICS))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return Summary(path.resolve().name, str(path), base_id, revision, manifest.get("domain"), manifest.get("language"),
                    variant_of(config), config.get("r"), size, manifest.get("created"), loss, base_loss,
@@ -106,7 +98,7 @@ def runtimes(path: str | Path) -> list[Runtime]:
     modules_to_save, trainable token rows, ...). `lorachat export` (llama.cpp's GGUF LoRA) converts plain LoRA deltas only.
     """
     path = Path(path)
-    config = _json(path / PEFT_CONFIG)
+    config = read_json_object(path / PEFT_CONFIG)
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type {config.get('peft_type')} is not LoRA")
@@ -130,7 +122,7 @@ def details(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     summary = summarize(path)
     manifest = read_adapter(path).manifest if summary.has_manifest else {}
-    config = _json(path / PEFT_CONFIG)
+    config = read_json_object(path / PEFT_CONFIG)
     return {
         "summary": summary.to_json(),
         "base": manifest.get("base") or {"model_id": summary.base, "revision": summary.base_revision},
@@ -140,7 +132,7 @@ def details(path: str | Path) -> dict[str, Any]:
         "data": manifest.get("inputs", {}).get("data", {}).get("sources", []),
         "versions": manifest.get("versions", {}),
         "origin": manifest.get("origin"),
-        "metrics": _json(path / METRICS),
+        "metrics": read_json_object(path / METRICS),
         "files": manifest.get("files", {}),
         "recipe": (path / "recipe.yaml").read_text(encoding="utf-8") if (path / "recipe.yaml").is_file() else None,
         "runtimes": [asdict(r) for r in runtimes(path)],

@@ -9,7 +9,6 @@ status and OpenAI's error fields; `api_router` turns them into `ErrorResponse` J
 from __future__ import annotations
 
 import copy
-import json
 import threading
 import time
 import uuid
@@ -20,6 +19,7 @@ from typing import Any
 
 from ..adapters import METRICS
 from ..errors import LorachatError
+from ..files import read_json_object
 from ..runtime import BASE, Completion, Delta, Request, Sampling
 from ..runtime.router import Decision, Router
 from .batcher import Batcher, Job
@@ -76,8 +76,8 @@ class ServingModels:
         context = self.rt.context_length
         cards = [ModelCard(id=self.base_name, root=str(self.rt.base.path), kind="base", max_model_len=context)]
         for r in self.rt.adapters:
-            config = _read_json(r.path / "adapter_config.json")
-            metrics = _read_json(r.path / METRICS)
+            config = read_json_object(r.path / "adapter_config.json")
+            metrics = read_json_object(r.path / METRICS)
             cards.append(ModelCard(id=r.name, root=str(r.path), parent=self.base_name, max_model_len=context,
                                    domain=r.domain, language=r.language, rank=config.get("r"),
                                    eval=metrics.get("eval") if isinstance(metrics.get("eval"), dict) else None))
@@ -308,11 +308,3 @@ class ServingCompletion:
 def _usage(done: Completion) -> UsageInfo:
     return UsageInfo(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
                      total_tokens=done.prompt_tokens + done.completion_tokens)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
