@@ -1,4 +1,5 @@
-"""Ground floor: file helpers every layer shares (hashing, lenient JSON reads, atomic writes, the umask, the cache folder)."""
+"""Ground floor: file helpers every layer shares (hashing, lenient JSON reads, atomic writes, the umask, the
+cache folder)."""
 
 from __future__ import annotations
 
