@@ -37,13 +37,17 @@ def main() -> None:
     from lora_chat.train.loss import TrainedPositions, token_loss_sum
     from lora_chat.recipe import load_recipe
     from lora_chat.train.run import build_model
+    from lora_chat.models import pick_dtype
+    from lora_chat.train.checkpointing import decide
 
     inputs = load_inputs(load_recipe(ROOT / "recipes" / "quickstart.yaml", args.overrides), need_weights=True)
     recipe = inputs.loaded.recipe
-    rows = to_rows(prepare(inputs.loaded, inputs.data, inputs.template).train, recipe.training.packing,
-                   recipe.data.max_length)
-    model = build_model(inputs, meta=False)
-    if recipe.training.gradient_checkpointing:
+    prepared = prepare(inputs.loaded, inputs.data, inputs.template)
+    rows = to_rows(prepared.train, recipe.training.packing, recipe.data.max_length)
+    checkpointing = decide(inputs.loaded, prepared.stats["train"], inputs.base, pick_dtype(recipe.base.dtype))
+    print(f"gradient checkpointing {checkpointing}")
+    model = build_model(inputs, meta=False, checkpointing=checkpointing.on)
+    if checkpointing.on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()

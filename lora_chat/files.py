@@ -110,3 +110,8 @@ def publish_dir(staging: Path, target: Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def human_size(n: float) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"

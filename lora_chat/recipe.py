@@ -144,9 +144,10 @@ class Training(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     packing: bool = Field(False, description="Pack samples into full rows; no attention crosses samples.")
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass: far less memory for ~20-25% more compute "
-                          "(on, as in TRL's SFTConfig; bench/bench_train.py).")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="Recompute activations in the backward pass: far less memory for ~30% more compute. "
+                            "auto = off when the run fits without it (lorachat plan's estimate, with headroom), "
+                            "else on.")
     seed: int = Field(42, description="Seed for data order, dropout and init.")
     log_every: int = Field(10, gt=0, description="Steps between log lines (train_log.jsonl).")
     eval_every: int | None = Field(None, gt=0, description="Steps between eval-loss passes (default: at the end).")

@@ -172,3 +172,19 @@ def test_flash_attention_and_liger_are_refused_without_cuda(make_recipe):
     assert "base.attn_implementation: flash_attention_2 runs only on CUDA GPUs" in problems[0]
     assert "training.kernels: liger kernels are Triton GPU kernels and need CUDA" in problems[1]
     assert cuda_only_problems(load_recipe(recipe), cuda=True) == []
+
+
+def test_auto_checkpointing_is_off_on_the_cards_the_run_fits_without_it(config_only_recipe):
+    # 7B in bf16 with 2 packed rows of 4096 tokens: ~50 GB of activations without checkpointing.
+    recipe = str(config_only_recipe(batch_size=2, packing=True))
+    code, plan = plan_json(recipe, "--set", "data.max_length=4096", "--gpu", "H200")
+    assert code == 0, plan
+    cards = {card["name"]: card for card in plan["gpus"]}
+    assert cards["RTX 4090"]["gradient_checkpointing"] is True and cards["RTX 4090"]["fits"]
+    assert cards["H200"]["gradient_checkpointing"] is False
+    assert plan["gradient_checkpointing"] == {"setting": "auto", "on": False}
+    assert plan["peak_memory_gib"] <= 0.8 * plan["gpu_memory_gib"]  # the headroom auto keeps
+    _, forced = plan_json(recipe, "--set", "data.max_length=4096", "--gpu", "H200",
+                          "--set", "training.gradient_checkpointing=true")
+    assert forced["gradient_checkpointing"] == {"setting": True, "on": True}
+    assert plan["tokens_per_s"] > 1.2 * forced["tokens_per_s"]  # no layer recomputed

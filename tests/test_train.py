@@ -106,6 +106,84 @@ def test_progress_lines_when_output_is_not_a_terminal(make_recipe):
     assert "eta" not in lines[-1]
 
 
+def test_auto_checkpointing_is_off_when_the_run_fits_without_it_and_says_why(make_recipe, monkeypatch):
+    import transformers.modeling_utils as modeling
+
+    calls = _count_checkpointed_layers(monkeypatch, modeling)
+    recipe = make_recipe()  # gradient_checkpointing left to its default, auto
+    result = finetune(recipe)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"gradient checkpointing off \(auto: the run needs ~[\d.]+ [GM]iB without it, within 25% of "
+                     r"[\d.]+ GiB RAM\)", result.output), result.output
+    assert json.loads((out_dir(recipe) / "metrics.json").read_text())["train"]["gradient_checkpointing"] is False
+    assert calls == []
+
+
+def test_auto_checkpointing_is_on_where_the_run_would_not_fit_without_it(make_recipe, monkeypatch):
+    import transformers.modeling_utils as modeling
+
+    from lora_chat.train import checkpointing
+
+    # A machine with 2 MiB of RAM, which this one is not: the device's size is the one input auto reads.
+    monkeypatch.setattr(checkpointing, "device_memory", lambda: ("cpu", 2 * 2**20))
+    calls = _count_checkpointed_layers(monkeypatch, modeling)
+    recipe = make_recipe()
+    result = finetune(recipe)
+    assert result.exit_code == 0, result.output
+    assert "gradient checkpointing on (auto: the run needs ~" in result.output, result.output[-600:]
+    assert "over 25% of 2.0 MiB RAM" in result.output
+    assert json.loads((out_dir(recipe) / "metrics.json").read_text())["train"]["gradient_checkpointing"] is True
+    assert calls, "no decoder layer ran under torch's checkpoint"
+
+
+def test_each_optimizer_step_trains_its_rows_longest_first(make_recipe, monkeypatch):
+    from tests.conftest import chat
+
+    from lora_chat.train import collate
+
+    seen, real = [], collate.Collator.__call__
+
+    def spy(self, rows):
+        seen.append([len(row["input_ids"]) for row in rows])
+        return real(self, rows)
+
+    monkeypatch.setattr(collate.Collator, "__call__", spy)
+    rows = [chat(f"Question {i}" + " and more" * (i % 7), f"Answer {i}" + " indeed" * (i * 5 % 11)) for i in range(24)]
+    recipe = make_recipe(rows=rows, training={"max_steps": 3, "batch_size": 2, "grad_accum": 3, "log_every": 1})
+    assert finetune(recipe).exit_code == 0
+    steps = [sum(seen[i:i + 3], []) for i in range(0, 9, 3)]  # 3 micro-batches of 2 rows a step
+    assert all(step == sorted(step, reverse=True) for step in steps), steps
+    assert len({length for step in steps for length in step}) > 3  # the data did vary in length
+
+
+def test_the_training_order_is_a_seeded_shuffle_with_every_row_once_an_epoch():
+    from lora_chat.train.sampler import StepSortedSampler
+
+    lengths = [(i * 37) % 23 for i in range(20)]
+    sampler = StepSortedSampler(lengths, rows_per_step=6, seed=7)
+    first = list(sampler)
+    assert sorted(first) == list(range(20))
+    assert first == list(StepSortedSampler(lengths, rows_per_step=6, seed=7))  # a resumed run sees the same order
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    # Each step holds the rows the seeded shuffle put there, only reordered: the same update as unsorted.
+    shuffled = torch.randperm(20, generator=torch.Generator().manual_seed(7)).tolist()
+    assert [set(first[i:i + 6]) for i in range(0, 20, 6)] == [set(shuffled[i:i + 6]) for i in range(0, 20, 6)]
+    assert first != shuffled
+
+
+def _count_checkpointed_layers(monkeypatch, modeling) -> list:
+    """Spy on the checkpoint function transformers wraps each decoder layer's call in."""
+    calls, real = [], modeling.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "checkpoint", counting)
+    return calls
+
+
 def test_every_adapter_file_gets_its_mode_from_the_umask(make_recipe):
     """Old behaviour: adapter_model.safetensors came out 0600 while the other files were 0644."""
     recipe = make_recipe(training={"max_steps": 1, "batch_size": 2, "grad_accum": 1})

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from ..errors import LorachatError, Where
-from ..files import current_umask, fsync_dir
+from ..files import current_umask, fsync_dir, human_size
 from .store import MANIFEST, install, payload_files, read_adapter, staging_dir, verify
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.load / pickle: loading runs code
@@ -145,14 +145,10 @@ class _CountingReader(io.RawIOBase):
         data = self.stream.read(len(buffer))
         self.count += len(data)
         if self.count > self.limit:
-            raise LorachatError(f"expands past {_size(self.limit)}: refused as a possible decompression bomb "
+            raise LorachatError(f"expands past {human_size(self.limit)}: refused as a possible decompression bomb "
                                 f"(raise --max-size if it is genuine)", Where(self.archive))
         buffer[:len(data)] = data
         return len(data)
-
-
-def _size(n: int) -> str:
-    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
 def _entry_filter(archive: Path, top: list[str]) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo]:

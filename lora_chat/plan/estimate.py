@@ -17,7 +17,7 @@ from ..models import ResolvedBase, resolve_base
 from ..models.facts import read_config
 from ..recipe import LoadedRecipe, load_recipe
 from .gpus import GPUS, Gpu, find_gpu
-from .memory import GIB, LINEARS, Breakdown, Setup, Shape, estimate
+from .memory import AUTO_CHECKPOINTING_SHARE, GIB, LINEARS, Breakdown, Setup, Shape, auto_checkpointing, estimate
 from .throughput import default_utilisation, tokens_per_second
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -44,6 +44,7 @@ class Card:
     fits: bool
     tokens_per_s: float
     hours: float
+    checkpointing: bool
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Plan:
     gpu: Gpu
     utilisation: float
     cards: list[Card]
+    checkpointing_auto: bool  # the recipe left gradient checkpointing to `auto`, decided per card
     suggestions: list[Suggestion] = field(default_factory=list)
 
     @property
@@ -82,10 +84,13 @@ class Plan:
             "hours": round(card.hours, 6), "steps": self.steps, "utilisation": self.utilisation,
             "tokens": self.data.tokens, "trained_tokens": self.data.trained, "lengths_from": self.data.source,
             "micro_batch": {"rows": self.setup.batch, "tokens_per_row": self.setup.seq_len},
+            "gradient_checkpointing": {"setting": "auto" if self.checkpointing_auto else self.setup.checkpointing,
+                                       "on": self.setup.checkpointing},
             "suggestions": [{"change": s.change, "why": s.why, "peak_memory_gib": round(s.breakdown.total / GIB, 2),
                              "fits": s.fits, "hours": round(s.hours, 6)} for s in self.suggestions],
             "gpus": [{"name": c.gpu.name, "memory_gib": c.gpu.memory_gib, "fits": c.fits,
-                      "tokens_per_s": round(c.tokens_per_s, 1), "hours": round(c.hours, 6)} for c in self.cards],
+                      "tokens_per_s": round(c.tokens_per_s, 1), "hours": round(c.hours, 6),
+                      "gradient_checkpointing": c.checkpointing} for c in self.cards],
         }
 
 
@@ -101,15 +106,21 @@ def make_plan(recipe_path: str | Path, overrides: list[str] = (), gpu: str | Non
         raise type(err)(err.reason, loaded.where("base", "model")) from None
     shape = Shape.from_config(read_config(base), Where(base.path / "config.json"))
     lengths = _lengths(loaded, base, chars_per_token)
-    setup = setup_of(loaded, lengths)
+    recipe_setup = setup_of(loaded, lengths)
+    auto = recipe.training.gradient_checkpointing == "auto"
+
+    def setup_on(card: Gpu) -> Setup:  # `auto` decides for each card as `lorachat finetune` would on it
+        return auto_checkpointing(shape, recipe_setup, card.memory_gib * GIB) if auto else recipe_setup
+
     steps = optimizer_steps(loaded, lengths)
-    util = utilisation or default_utilisation(setup)
-    breakdown = estimate(shape, setup)
-    cards = [_card(g, shape, setup, breakdown, lengths, steps, loaded, util) for g in GPUS]
+    util = utilisation or default_utilisation(recipe_setup)
+    cards = [_card(g, shape, setup_on(g), lengths, steps, loaded, util) for g in GPUS]
     if chosen is None:
         chosen = next((c.gpu for c in sorted(cards, key=lambda c: c.gpu.memory_gib) if c.fits), GPUS[-1])
+    setup = setup_on(chosen)
     plan = Plan(recipe=str(loaded.path), base=f"{base.model_id} ({base.source})", shape=shape, setup=setup,
-                data=lengths, steps=steps, breakdown=breakdown, gpu=chosen, utilisation=util, cards=cards)
+                data=lengths, steps=steps, breakdown=estimate(shape, setup), gpu=chosen, utilisation=util,
+                cards=cards, checkpointing_auto=auto)
     if not plan.card.fits:
         plan.suggestions = suggestions(loaded, shape, setup, lengths, chosen, util)
     return plan
@@ -162,7 +173,9 @@ def setup_of(loaded: LoadedRecipe, lengths: DataLengths) -> Setup:
     return Setup(
         compute_bytes=4 if dtype == "float32" else 2, quantization=recipe.base.quantization, rank=lora.r,
         targets=targets, variant=lora.variant, dropout=lora.dropout, optimizer=t.optimizer, batch=t.batch_size,
-        seq_len=seq_len, trained_share=lengths.trained / max(lengths.tokens, 1), checkpointing=t.gradient_checkpointing,
+        # `auto` is decided against a device's memory (memory.auto_checkpointing); until then, on.
+        seq_len=seq_len, trained_share=lengths.trained / max(lengths.tokens, 1),
+        checkpointing=t.gradient_checkpointing is not False,
         packing=t.packing, attention="sdpa" if recipe.base.attn_implementation == "auto" else recipe.base.attn_implementation,
         kernels=t.kernels, attention_span=max(1, round(lengths.mean)) if t.packing else 0)
 
@@ -190,10 +203,11 @@ def _run_tokens(loaded: LoadedRecipe, lengths: DataLengths, steps: int) -> float
     return steps * t.batch_size * t.grad_accum * per_row
 
 
-def _card(gpu: Gpu, shape: Shape, setup: Setup, breakdown: Breakdown, lengths: DataLengths, steps: int,
-          loaded: LoadedRecipe, util: float) -> Card:
+def _card(gpu: Gpu, shape: Shape, setup: Setup, lengths: DataLengths, steps: int, loaded: LoadedRecipe,
+          util: float) -> Card:
     tps = tokens_per_second(shape, setup, gpu.bf16_tflops, util)
-    return Card(gpu, breakdown.total <= gpu.memory_gib * GIB, tps, _run_tokens(loaded, lengths, steps) / tps / 3600)
+    fits = estimate(shape, setup).total <= gpu.memory_gib * GIB
+    return Card(gpu, fits, tps, _run_tokens(loaded, lengths, steps) / tps / 3600, setup.checkpointing)
 
 
 def suggestions(loaded: LoadedRecipe, shape: Shape, setup: Setup, lengths: DataLengths, gpu: Gpu,
@@ -268,8 +282,13 @@ def print_plan(plan: Plan, console: Any) -> None:
                   f"{plan.gpu.bf16_tflops:g} bf16 TFLOP/s); base {plan.base}")
     console.print(f"data: {d.samples:,} samples, {d.tokens:,} tokens ({d.trained:,} trained), longest {d.longest:,}: "
                   f"{d.source}")
+    checkpointing = "gradient checkpointing" if s.checkpointing else "no gradient checkpointing"
+    if plan.checkpointing_auto:
+        share = f"{AUTO_CHECKPOINTING_SHARE['cuda']:.0%}"
+        checkpointing += (f" (auto: the run without it needs more than {share} of the card)" if s.checkpointing
+                          else f" (auto: fits in {share} of the card without it)")
     console.print(f"micro-batch: {s.batch} x {s.seq_len} tokens, {'packed, ' if s.packing else ''}"
-                  f"{'gradient checkpointing, ' if s.checkpointing else ''}{s.quantization} base, r={s.rank} "
+                  f"{checkpointing}, {s.quantization} base, r={s.rank} "
                   f"{s.variant} on {len(s.targets)} linears, {s.optimizer}, attention {s.attention}, kernels {s.kernels}")
     table = Table(title="peak GPU memory", title_justify="left")
     table.add_column("part")
@@ -291,11 +310,11 @@ def print_plan(plan: Plan, console: Any) -> None:
     elif not card.fits:
         console.print("[red]no change lorachat knows makes it fit this card; try a larger one[/]")
     cards = Table(title="other cards", title_justify="left")
-    for col in ("GPU", "GiB", "fits", "tokens/s", "time"):
+    for col in ("GPU", "GiB", "fits", "checkpointing", "tokens/s", "time"):
         cards.add_column(col, justify="left" if col == "GPU" else "right")
     for c in plan.cards:
-        cards.add_row(c.gpu.name, f"{c.gpu.memory_gib:g}", "yes" if c.fits else "no", f"{c.tokens_per_s:,.0f}",
-                      _duration(c.hours))
+        cards.add_row(c.gpu.name, f"{c.gpu.memory_gib:g}", "yes" if c.fits else "no", "on" if c.checkpointing else "off",
+                      f"{c.tokens_per_s:,.0f}", _duration(c.hours))
     console.print(cards)
 
 

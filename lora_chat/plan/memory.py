@@ -262,6 +262,20 @@ def logits_bytes(shape: Shape, setup: Setup) -> int:
     return int(min(rows, setup.loss_chunk) * v * (4 + (2 * d if d != 4 else 0)) + rows * h * d)
 
 
+# `gradient_checkpointing: auto` turns it off when the run without it needs at most this share of the device's
+# memory. On a GPU the estimate already counts the context and the allocator's slack; the rest is room for the
+# estimate's error (within 25% of measured runs, docs/plan.md). On a CPU the RSS can be twice the tensors (glibc's
+# heap fragments, docs/plan.md), and the RAM is shared with everything else the machine runs.
+AUTO_CHECKPOINTING_SHARE = {"cuda": 0.8, "cpu": 0.25}
+
+
+def auto_checkpointing(shape: Shape, setup: Setup, memory_bytes: float) -> Setup:
+    """`setup` with checkpointing off if the run fits `memory_bytes` without it (the faster run), else on."""
+    without = setup.changed(checkpointing=False)
+    fits = estimate(shape, without).total <= AUTO_CHECKPOINTING_SHARE[setup.device] * memory_bytes
+    return without if fits else setup.changed(checkpointing=True)
+
+
 def estimate(shape: Shape, setup: Setup) -> Breakdown:
     """Peak memory of one training step (after the first, when optimizer states exist)."""
     params = adapter_params(shape, setup)

@@ -31,7 +31,7 @@ from ..adapters import looks_whole
 from ..errors import LorachatError, RunFailed, Where
 from ..recipe import LoadedRecipe
 from ..templates import tokens
-from . import checkpoints, distributed
+from . import checkpoints, checkpointing, distributed
 from .callbacks import Interrupted, ShowProgress, Signals, StepLog, StepMeter, StopOnSignal, truncate_log
 from .collate import Collator, as_dataset, to_rows
 
@@ -64,6 +64,7 @@ class Plan:
     epochs: float
     effective_batch: int
     processes: int
+    checkpointing: checkpointing.Checkpointing
     output: Path
 
 
@@ -130,8 +131,12 @@ class FinetuneRun:
         packing, max_length = self.recipe.training.packing, self.recipe.data.max_length
         self.train_rows = to_rows(self.prepared.train, packing, max_length)
         self.eval_rows = to_rows(self.prepared.eval, packing, max_length)
+        from ..models import pick_dtype
+
+        self.checkpointing = checkpointing.decide(self.loaded, self.prepared.stats["train"], self.inputs.base,
+                                                  pick_dtype(self.recipe.base.dtype))
         set_seed(self.recipe.training.seed)  # LoRA's A matrices are drawn from the global RNG: same seed, same init
-        self.model = build_model(self.inputs, meta=self.options.dry_run)
+        self.model = build_model(self.inputs, meta=self.options.dry_run, checkpointing=self.checkpointing.on)
         plan = self.plan()
         if self.options.dry_run:
             print_plan(plan, self.console)
@@ -157,7 +162,7 @@ class FinetuneRun:
                     train_rows=len(self.train_rows), tokens=stats.tokens, trained_tokens=stats.trained,
                     eval_samples=len(self.prepared.eval), steps=steps, epochs=epochs,
                     effective_batch=t.batch_size * t.grad_accum * self.processes, processes=self.processes,
-                    output=self.target)
+                    checkpointing=self.checkpointing, output=self.target)
 
     def build_trainer(self):
         import torch
@@ -183,7 +188,7 @@ class FinetuneRun:
             use_liger_kernel=t.kernels == "liger",
             save_strategy="steps" if t.save_every else "no", save_steps=t.save_every or 500,
             eval_strategy="steps" if (t.eval_every and has_eval) else "no", eval_steps=t.eval_every,
-            activation_checkpointing=t.gradient_checkpointing,
+            activation_checkpointing=self.checkpointing.on,
             activation_checkpointing_kwargs={"use_reentrant": False},
             disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
             ddp_find_unused_parameters=False, save_only_model=False,
@@ -227,6 +232,7 @@ class FinetuneRun:
                 self.log_path.unlink()
             if self.inputs.base.note:
                 self.console.print(f"[dim]{self.inputs.base.note}[/]")
+            self.console.print(f"[dim]gradient checkpointing {self.checkpointing}[/]")
         self.trainer.accelerator.wait_for_everyone()
 
     def fit(self):
@@ -249,6 +255,7 @@ class FinetuneRun:
         metrics: dict[str, Any] = {"train": {
             "loss": _last_logged_loss(self.log_path), "steps": state.global_step,
             "epochs": round(state.epoch or 0.0, 4), "tokens": self.meter.total_tokens,
+            "gradient_checkpointing": self.checkpointing.on,
             "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
             "samples": len(self.prepared.train), "rows": len(self.train_rows)}}
         if self.eval_rows:
@@ -309,15 +316,16 @@ def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[1])
 
 
-def build_model(inputs, meta: bool) -> Any:
-    """The base (real weights, or shapes only on the meta device for --dry-run) with LoRA attached."""
+def build_model(inputs, meta: bool, checkpointing: bool) -> Any:
+    """The base (real weights, or shapes only on the meta device for --dry-run) with LoRA attached.
+
+    `checkpointing` (gradient checkpointing, as decided for the run) matters here only for a quantized base."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from ..models import load_model, pick_dtype
 
     base_cfg, lora = inputs.loaded.recipe.base, inputs.loaded.recipe.lora
-    training = inputs.loaded.recipe.training
     if meta:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -333,7 +341,7 @@ def build_model(inputs, meta: bool) -> Any:
 
             # Casts norms to fp32 and enables input grads so LoRA on frozen quantized layers trains stably.
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=training.gradient_checkpointing,
+                model, use_gradient_checkpointing=checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
             _keep_4bit_weights_unpacked(model)
     # Template markers the base lacked (templates/tokens.py): resize, and train only their embedding rows.
@@ -394,6 +402,7 @@ def print_plan(plan: Plan, console: Console) -> None:
             ("eval", f"{plan.eval_samples:,} samples"),
             ("steps", f"{plan.steps:,} ({plan.epochs:g} epochs, {plan.effective_batch} rows per step, "
                       f"{plan.processes} process{'es' if plan.processes > 1 else ''})"),
+            ("checkpointing", str(plan.checkpointing)),
             ("output", str(plan.output))]
     for key, value in rows:
         table.add_row(f"[bold]{key}[/]", value)

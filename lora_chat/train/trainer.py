@@ -11,6 +11,7 @@ would spend time on is off:
     eval loss and `lorachat eval` give that at far lower cost;
   - bf16 autocast (SFTConfig's default), which bought mixed precision over fp32 weights; the base already runs
     in its own dtype.
+Its random sampler gives way to sampler.py's: the same rows in each optimizer step, sorted by length.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..errors import LorachatError, RunFailed
 from . import checkpoints
 from .callbacks import StepMeter, _all_sum
 from .loss import TrainedPositions, token_loss_sum
+from .sampler import StepSortedSampler
 
 
 class NonFiniteLoss(RunFailed):
@@ -68,6 +70,13 @@ class LorachatTrainer(SFTTrainer):
         self.keep_checkpoints = keep_checkpoints
         self._staging: Path | None = None
         self.selector = TrainedPositions(self.model.get_output_embeddings())
+
+    def _get_train_sampler(self, train_dataset=None) -> StepSortedSampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        args = self.args
+        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return StepSortedSampler([len(ids) for ids in dataset["input_ids"]], rows_per_step, seed)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """SFTTrainer writes a README.md into the checkpoint folder at every save; the adapter gets lorachat's own
