@@ -20,7 +20,8 @@ PACKAGE = ROOT / "lora_chat"
 
 # Lowest first. A unit is a top-level module or package of lora_chat; "lora_chat" is the package root.
 # adapters sits below train: training publishes its adapter through adapters.store, and adapters must
-# never import train (the data still flows train -> adapters -> runtime).
+# never import train (the data still flows train -> adapters -> runtime). plan sits below train too: it reads
+# only the recipe, the data and config.json, and training's `gradient_checkpointing: auto` asks its memory model.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("lora_chat", "errors", "files", "progress"),
     ("recipe",),
@@ -28,11 +29,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("templates",),
     ("encoding", "inputs"),
-    ("adapters",),
+    ("adapters", "plan"),
     ("train",),
     ("runtime",),
     ("evaluate",),
-    ("chat", "serve", "merge", "plan", "validate", "preview"),
+    ("chat", "serve", "merge", "validate", "preview"),
     ("cli",),
 )
 FLOOR = {unit: floor for floor, units in enumerate(LAYERS) for unit in units}

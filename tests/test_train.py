@@ -235,6 +235,23 @@ def test_packed_per_sample_loss_equals_unpacked(tiny_base):
     assert per_sample_losses(packed) == pytest.approx(unpacked, rel=1e-5)
 
 
+def test_padded_rows_of_one_sample_get_plain_causal_attention_not_a_packed_mask(tiny_base):
+    """Old behaviour: pad positions restarted at 0, so every padded batch looked packed to transformers, which
+    then built a (B, 1, T, T) block mask instead of letting SDPA run causal without one."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    from lora_chat.templates import IGNORE, Encoded
+    from lora_chat.train.collate import Collator, to_rows
+
+    samples = [Encoded(list(range(3, 3 + n)), [IGNORE] + list(range(4, 3 + n)), None) for n in (17, 9, 30)]
+    collate = Collator(pad_id=2)
+    unpacked = collate(to_rows(samples, packing=False, max_length=64))
+    assert find_packed_sequence_indices(unpacked["position_ids"]) is None
+    assert (unpacked["input_ids"] == 2).any()  # the batch was padded
+    packed = collate(to_rows(samples, packing=True, max_length=64))
+    assert find_packed_sequence_indices(packed["position_ids"]) is not None  # packed rows keep their block mask
+
+
 # ---------------------------------------------------------------- variants
 
 

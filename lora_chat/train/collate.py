@@ -6,7 +6,8 @@ first of the next. Packed samples restart their position ids at 0, which is what
 sample: flash-attention turns the restarts into `cu_seqlens` (padding-free), and on SDPA/eager transformers
 builds a block-diagonal causal mask from them when no attention_mask and no KV cache is given
 (`find_packed_sequence_indices`; tests/test_train.py checks per-sample losses packed vs unpacked).
-Right padding needs no attention mask either: under a causal mask no real token ever sees a later pad.
+Right padding needs no attention mask either: under a causal mask no real token ever sees a later pad, so
+pads simply continue the last sample's positions.
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ class Collator:
             ids[b, :n] = torch.tensor(row["input_ids"])
             targets[b, :n] = torch.tensor(row["targets"])
             positions[b, :n] = torch.tensor(row["position_ids"])
-            # Pad positions count up from 0 as one more "sample", so they never join the last real one.
-            positions[b, n:] = torch.arange(longest - n)
+            # Pads continue the last sample's positions: a row of one sample then has no restart, and a batch of
+            # such rows gets plain causal attention (SDPA's is_causal, no mask tensor; half the blocks skipped)
+            # instead of a packed-sample mask. Causal attention never lets a real token see a later pad.
+            after = row["position_ids"][-1] + 1 if n else 0
+            positions[b, n:] = torch.arange(after, after + longest - n)
         return {"input_ids": ids, "position_ids": positions, "shift_labels": targets,
                 "real_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}

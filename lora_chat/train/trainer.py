@@ -76,7 +76,16 @@ class LorachatTrainer(SFTTrainer):
         args = self.args
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
         seed = args.data_seed if args.data_seed is not None else args.seed
-        return StepSortedSampler([len(ids) for ids in dataset["input_ids"]], rows_per_step, seed)
+        self._sampler = StepSortedSampler([len(ids) for ids in dataset["input_ids"]], rows_per_step, seed)
+        return self._sampler
+
+    def _run_epoch(self, *args, **kwargs):
+        # The Trainer's own set_epoch reaches a sampler at most two wrappers deep. A resumed run's
+        # skip_first_batches puts ours three deep (SkipBatchSampler > BatchSamplerShard > BatchSampler) when
+        # there are several processes, and the resumed epoch would replay epoch 0's order.
+        if getattr(self, "_sampler", None) is not None:
+            self._sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """SFTTrainer writes a README.md into the checkpoint folder at every save; the adapter gets lorachat's own
