@@ -33,6 +33,12 @@ class DataLengths:
     longest: int
     source: str  # how the lengths were obtained, shown to the user
 
+    @classmethod
+    def measured(cls, stats: Any) -> DataLengths:
+        """From the train split's encoding stats (encoding.SplitStats), as `validate` counts them."""
+        return cls(stats.kept, stats.tokens, stats.trained, max(stats.lengths, default=0),
+                   "measured with the base's tokenizer and chat template")
+
     @property
     def mean(self) -> float:
         return self.tokens / max(self.samples, 1)
@@ -132,9 +138,7 @@ def _lengths(loaded: LoadedRecipe, base: ResolvedBase, chars_per_token: float) -
         from ..inputs import load_inputs
 
         inputs = load_inputs(loaded)
-        stats = prepare(inputs.loaded, inputs.data, inputs.template).stats["train"]
-        return DataLengths(stats.kept, stats.tokens, stats.trained, max(stats.lengths, default=0),
-                           "measured with the base's tokenizer and chat template")
+        return DataLengths.measured(prepare(inputs.loaded, inputs.data, inputs.template).stats["train"])
     return _lengths_from_chars(loaded, chars_per_token)
 
 

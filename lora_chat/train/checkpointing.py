@@ -49,8 +49,7 @@ def decide(loaded: LoadedRecipe, stats, base, dtype) -> Checkpointing:
     except LorachatError as err:
         return Checkpointing(True, f"auto: the run's memory cannot be estimated: {err.reason}")
     device, memory = device_memory()
-    lengths = DataLengths(stats.kept, stats.tokens, stats.trained, max(stats.lengths, default=0), "")
-    setup = setup_of(loaded, lengths).changed(device=device, compute_bytes=dtype.itemsize)
+    setup = setup_of(loaded, DataLengths.measured(stats)).changed(device=device, compute_bytes=dtype.itemsize)
     chosen = auto_checkpointing(shape, setup, memory)
     need = human_size(estimate(shape, setup.changed(checkpointing=False)).total)
     share = f"{AUTO_CHECKPOINTING_SHARE[device]:.0%} of {human_size(memory)} {'GPU memory' if device == 'cuda' else 'RAM'}"

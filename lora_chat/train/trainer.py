@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute
 import torch
 from trl import SFTConfig, SFTTrainer
 
@@ -69,6 +70,7 @@ class LorachatTrainer(SFTTrainer):
         self.checkpoint_root = checkpoint_root
         self.keep_checkpoints = keep_checkpoints
         self._staging: Path | None = None
+        self._sampler: StepSortedSampler | None = None  # set when the train dataloader is built
         self.selector = TrainedPositions(self.model.get_output_embeddings())
 
     def _get_train_sampler(self, train_dataset=None) -> StepSortedSampler:
@@ -76,14 +78,17 @@ class LorachatTrainer(SFTTrainer):
         args = self.args
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
         seed = args.data_seed if args.data_seed is not None else args.seed
-        self._sampler = StepSortedSampler([len(ids) for ids in dataset["input_ids"]], rows_per_step, seed)
+        # Row lengths from the Arrow column itself: `dataset["input_ids"]` would turn every token id into a
+        # Python int first (seconds and gigabytes on a large dataset) only to take lengths.
+        lengths = pyarrow.compute.list_value_length(dataset.data.column("input_ids")).to_pylist()
+        self._sampler = StepSortedSampler(lengths, rows_per_step, seed)
         return self._sampler
 
     def _run_epoch(self, *args, **kwargs):
         # The Trainer's own set_epoch reaches a sampler at most two wrappers deep. A resumed run's
         # skip_first_batches puts ours three deep (SkipBatchSampler > BatchSamplerShard > BatchSampler) when
         # there are several processes, and the resumed epoch would replay epoch 0's order.
-        if getattr(self, "_sampler", None) is not None:
+        if self._sampler is not None:
             self._sampler.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
 
