@@ -259,9 +259,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        problems += [_explain(e, lines, path) for e in err.errors()]
+        # A union type reports one mistake once per branch: one problem per key, naming every branch.
+        by_key: dict[tuple[str, ...], list[dict]] = {}
+        for error in err.errors():
+            by_key.setdefault(_key_of(error), []).append(error)
+        problems += [_explain(key, errors, lines, path) for key, errors in by_key.items()]
     if problems:
-        unique = {str(p): p for p in problems}  # union types report one mistake once per branch
+        unique = {str(p): p for p in problems}
         raise RecipeError(sorted(unique.values(), key=lambda p: (str(p.where.file), p.where.line or 0)))
     return LoadedRecipe(recipe=recipe, path=path, lines=lines)
 
@@ -421,9 +425,14 @@ def _did_you_mean(loc: tuple[str, ...]) -> str:
     return f"unknown key '{bad}' (known: {known})"
 
 
-def _explain(error: dict, lines: dict, path: Path) -> LorachatError:
-    # pydantic reports union branches as extra loc parts ('list[Source]', 'literal[...]'); drop them.
-    loc = tuple(str(p) for p in error["loc"] if not re.match(r"^(list|literal|function|dict)\[|^[A-Z]", str(p)))
+def _key_of(error: dict) -> tuple[str, ...]:
+    """The recipe key of a pydantic error: union branches ('list[Source]', 'literal[...]', 'bool') dropped."""
+    return tuple(str(p) for p in error["loc"]
+                 if not re.match(r"^(list|literal|function|dict)\[|^[A-Z]|^(bool|int|float|str)$", str(p)))
+
+
+def _explain(loc: tuple[str, ...], errors: list[dict], lines: dict, path: Path) -> LorachatError:
+    """One problem for the key `loc`: its pydantic errors, one per union branch, read as alternatives."""
     where = None
     for end in range(len(loc), 0, -1):
         if loc[:end] in lines:
@@ -431,11 +440,14 @@ def _explain(error: dict, lines: dict, path: Path) -> LorachatError:
             where = Where(found.file, found.line, ".".join(loc))
             break
     where = where or Where(path, None, ".".join(loc) or None)
-    kind = error["type"]
-    if kind == "extra_forbidden":
+    kinds = {error["type"] for error in errors}
+    if "extra_forbidden" in kinds:
         return LorachatError(_did_you_mean(loc), where)
-    if kind == "missing":
+    if "missing" in kinds:
         return LorachatError("required key is missing", where)
-    value = error.get("input")
+    value = errors[0].get("input")
     shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
-    return LorachatError(f"{error['msg']}{shown}", where)
+    lead = "Input should be "
+    messages = [errors[0]["msg"]] + [e["msg"].removeprefix(lead) if errors[0]["msg"].startswith(lead) else e["msg"]
+                                     for e in errors[1:]]
+    return LorachatError(f"{' or '.join(messages)}{shown}", where)
