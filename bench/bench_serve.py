@@ -68,7 +68,8 @@ def _row(name: str, value: float, unit: str, baseline: str, baseline_value: floa
 
 
 def language_routing() -> list[dict]:
-    from lora_chat.runtime.router import RouteTarget, Router, identifier
+    from lora_chat.data.hygiene.language import identifier
+    from lora_chat.runtime.router import RouteTarget, Router
 
     router = Router([RouteTarget(f"adapter-{code}", code) for code in ADAPTER_LANGUAGES])
     lines = everyday_lines()

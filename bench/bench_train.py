@@ -11,6 +11,11 @@ subprocess (so its peak RSS is its own) for a few optimizer steps:
     slower than float32, which lorachat picks there; this baseline keeps that gap out of the ratio. Where bf16 is
     native both sides run it, and this row measures the same thing as the first;
   - `lorachat`: a recipe that sets only the base, the data and the step count: every training default as shipped;
+  - `trl-qlora` and `lorachat-qlora`: QLoRA on the same rows, the base in bitsandbytes nf4 with double
+    quantization, gradient checkpointing on for both. TRL's side is the recipe its docs and PEFT's give: a
+    `BitsAndBytesConfig` base through peft's `prepare_model_for_kbit_training`, then `SFTTrainer` with a LoRA
+    config, bf16 as lorachat's dtype picks. lorachat's side is a recipe with `base.quantization: 4bit` and
+    `training.gradient_checkpointing: true` (goals: peak RSS <= 0.7x, tokens/s >= 1.3x);
   - `lorachat-packed` (full run only, for information): the same with `training.packing: true`. A packed
     micro-batch is `batch_size` rows of `max_length` (4 x 2048) tokens against ~4 x 130 unpacked FAQ pairs, so
     its activations are ~15x larger; that is why packing is not the default.
@@ -37,7 +42,7 @@ from pathlib import Path
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DATA = "data/faq-en-sharegpt.jsonl"  # in the zaragoza_construction_faq package
 ROWS = 64
-KINDS = ("trl", "trl-same-dtype", "lorachat", "lorachat-packed")
+KINDS = ("trl", "trl-same-dtype", "lorachat", "lorachat-packed", "trl-qlora", "lorachat-qlora")
 
 
 def _data_file(folder: Path) -> Path:
@@ -49,7 +54,7 @@ def _data_file(folder: Path) -> Path:
     return path
 
 
-def run_lorachat(steps: int, packing: bool) -> dict:
+def run_lorachat(steps: int, packing: bool, qlora: bool = False) -> dict:
     import yaml
 
     from lora_chat.recipe import load_recipe
@@ -58,7 +63,9 @@ def run_lorachat(steps: int, packing: bool) -> dict:
     folder = Path(tempfile.mkdtemp())
     recipe = {"name": "bench", "base": {"model": MODEL},
               "data": {"train": [{"path": str(_data_file(folder)), "format": "sharegpt"}], "eval": {"split": 0}},
-              "training": {"max_steps": steps, **({"packing": True} if packing else {})},
+              "training": {"max_steps": steps, **({"packing": True} if packing else {}),
+                           **({"gradient_checkpointing": True} if qlora else {})},
+              **({"base": {"model": MODEL, "quantization": "4bit"}} if qlora else {}),
               "output": {"dir": str(folder / "adapter")}}
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     finetune(load_recipe(folder / "recipe.yaml"), Options())
@@ -66,7 +73,7 @@ def run_lorachat(steps: int, packing: bool) -> dict:
     return {"tokens": metrics["tokens"], "seconds": metrics["runtime_s"]}
 
 
-def run_trl(steps: int, same_dtype: bool) -> dict:
+def run_trl(steps: int, same_dtype: bool, qlora: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -84,7 +91,17 @@ def run_trl(steps: int, same_dtype: bool) -> dict:
     config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, report_to=[], save_strategy="no",
                        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), **dtype)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")  # PEFT: no dropout
-    trainer = SFTTrainer(model=str(base.path), args=config, train_dataset=Dataset.from_list([{"messages": m} for m in rows]),
+    model = str(base.path)
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        compute = torch.bfloat16 if dtype.get("bf16") else torch.float32
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=compute)
+        model = AutoModelForCausalLM.from_pretrained(model, quantization_config=quant, dtype=compute)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list([{"messages": m} for m in rows]),
                          processing_class=load_tokenizer(base), peft_config=lora)
     result = trainer.train()
     # TRL's own count of real (attention-mask) tokens trained; counting in the collator would also count the batch
@@ -95,16 +112,17 @@ def run_trl(steps: int, same_dtype: bool) -> dict:
 
 def worker(kind: str, steps: int) -> None:
     if kind.startswith("trl"):
-        result = run_trl(steps, same_dtype=kind == "trl-same-dtype")
+        result = run_trl(steps, same_dtype=kind != "trl", qlora=kind == "trl-qlora")
     else:
-        result = run_lorachat(steps, packing=kind == "lorachat-packed")
+        result = run_lorachat(steps, packing=kind == "lorachat-packed", qlora=kind == "lorachat-qlora")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def measure(kind: str, steps: int) -> dict:
+def measure(kind: str, steps: int, script: str = __file__) -> dict:
+    """`script --worker KIND --steps N` in a fresh process (its peak RSS its own); its RESULT line, with tokens/s."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--steps", str(steps)], env=env,
+    proc = subprocess.run([sys.executable, script, "--worker", kind, "--steps", str(steps)], env=env,
                           capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -129,7 +147,7 @@ def median_runs(kinds: tuple[str, ...], steps: int, repeats: int) -> dict[str, d
 
 def results(quick: bool) -> list[dict]:
     steps, repeats = (2, 2) if quick else (8, 3)
-    kinds = ("trl-same-dtype", "lorachat") if quick else KINDS
+    kinds = ("trl-same-dtype", "lorachat", "trl-qlora", "lorachat-qlora") if quick else KINDS
     runs = median_runs(kinds, steps, repeats)
     found = []
 
@@ -144,8 +162,9 @@ def results(quick: bool) -> list[dict]:
                       "ratio": round(run["peak_rss_mb"] / base["peak_rss_mb"], 2), "goal": goals[1]})
 
     for baseline in kinds:
-        if baseline.startswith("trl"):
+        if baseline in ("trl", "trl-same-dtype"):
             compare("lorachat", baseline, f"lorachat defaults vs {baseline}", (">= 1.3", "<= 1.0"))
+    compare("lorachat-qlora", "trl-qlora", "QLoRA, checkpointing on both", (">= 1.3", "<= 0.7"))
     if "lorachat-packed" in runs:
         compare("lorachat-packed", "trl", "packing: true vs trl, information", ("(info)", "(info)"))
     return found

@@ -26,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="Profiled micro-steps (after one warm-up).")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override.")
+    parser.add_argument("--top", type=int, default=0, help="Also list the N operators with the most self time.")
     args = parser.parse_args()
 
     import torch
@@ -46,7 +47,7 @@ def main() -> None:
     rows = to_rows(prepared.train, recipe.training.packing, recipe.data.max_length)
     checkpointing = decide(inputs.loaded, prepared.stats["train"], inputs.base, pick_dtype(recipe.base.dtype))
     print(f"gradient checkpointing {checkpointing}")
-    model = build_model(inputs, meta=False, checkpointing=checkpointing.on)
+    model = build_model(inputs, meta=False)
     if checkpointing.on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -84,6 +85,10 @@ def main() -> None:
     print("phases: " + ", ".join(f"{k[1:]} {100 * v / sum(phases.values()):.1f}%" for k, v in phases.items()))
     for name, us in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {name:34s} {100 * us / total:5.1f}%  {us / 1e6 / args.steps:6.3f} s/step")
+    if args.top:
+        events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+        for e in events[:args.top]:
+            print(f"  {100 * e.self_cpu_time_total / total:5.1f}%  x{e.count:<5d} {e.key:40s} {str(e.input_shapes)[:90]}")
 
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")

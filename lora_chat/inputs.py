@@ -23,9 +23,9 @@ class Inputs:
     added_tokens: AddedTokens | None = None  # template markers added to the tokenizer (templates/tokens.py)
 
 
-def load_inputs(loaded: LoadedRecipe, need_weights: bool = False) -> Inputs:
+def load_inputs(loaded: LoadedRecipe, need_weights: bool = False, scan: bool = False) -> Inputs:
     """Everything a command needs before it touches model weights, in dependency order, for a recipe the
-    command loaded (and so validated) once at its edge."""
+    command loaded (and so validated) once at its edge. `scan`: every data hygiene check (validate's report)."""
     base_cfg = loaded.recipe.base
     try:
         # config.json first: an encoder-only base is refused before its weights are fetched or exported.
@@ -39,5 +39,5 @@ def load_inputs(loaded: LoadedRecipe, need_weights: bool = False) -> Inputs:
     template = load_template(loaded, tokenizer)
     # Before any row is encoded: the markers must be single tokens in everything that follows.
     added = add_template_tokens(loaded, tokenizer, template, base.path)
-    data = load_data(loaded)
+    data = load_data(loaded, scan=scan)
     return Inputs(loaded, base, tokenizer, template, data, added)

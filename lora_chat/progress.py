@@ -38,6 +38,12 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def bars(console: Console) -> RichProgress:
+    """A rich bar with one row per task (its label first), for one `Progress` or several sharing it."""
+    return RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
 class Progress:
     """`update(completed, fields)` as work advances; `close()` (or leaving the `with`) at the end.
 
@@ -45,7 +51,10 @@ class Progress:
     resumed task begins, so the ETA counts only work done in this process.
     """
 
-    def __init__(self, console: Console, label: str, total: int, *, start: int = 0, every: float = EVERY_S):
+    def __init__(self, console: Console, label: str, total: int, *, start: int = 0, every: float = EVERY_S,
+                 bar: RichProgress | None = None):
+        """`bar`: a rich bar of several tasks (`bars(console)`) this one adds a row to; it is started and stopped by
+        its owner, since a terminal shows one live display at a time."""
         self.console, self.label, self.total, self.every = console, label, total, every
         self.start, self.completed = start, start
         self.fields: dict[str, str] = {}
@@ -55,13 +64,13 @@ class Progress:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._bar: RichProgress | None = None
+        self._owns_bar = bar is None
         self._timer: threading.Thread | None = None
         if console.is_terminal:
-            self._bar = RichProgress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=console)
+            self._bar = bar or bars(console)
             self._task = self._bar.add_task(label, total=total, completed=start, text="")
-            self._bar.start()
+            if self._owns_bar:
+                self._bar.start()
         else:
             self._timer = threading.Thread(target=self._tick, name=f"progress-{label}", daemon=True)
             self._timer.start()
@@ -82,7 +91,8 @@ class Progress:
             return
         self._closed.set()
         if self._bar is not None:
-            self._bar.stop()
+            if self._owns_bar:
+                self._bar.stop()
             return
         self._timer.join()
         with self._lock:

@@ -43,6 +43,9 @@ class Base(_Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; auto = PyTorch SDPA. flash_attention_2 needs CUDA and flash-attn."
     )
+    adapter: str | None = Field(
+        None, description="An adapter directory to start from (e.g. an SFT adapter for training.method: dpo); its "
+                          "weights are the trainable starting point and its lora settings win over the lora section.")
 
 
 class Template(_Section):
@@ -66,7 +69,7 @@ class Source(_Section):
         "`pkg:DIST/path/in/package` for a file shipped in an installed package, or `hf:DATASET_ID`."
     )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "dailydialog", "personachat",
-                    "multiwoz"] = Field(
+                    "multiwoz", "preference"] = Field(
         "auto", description="Row format; auto detects it from the first row and says what it found."
     )
     weight: float = Field(1.0, gt=0, description="Sampling weight when mixing sources (1.0 = each row once).")
@@ -115,6 +118,24 @@ class Data(_Section):
     train_on: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant", description="Which tokens carry loss: every assistant reply, only the last one, or all."
     )
+    dedup: Literal["off", "exact", "near"] = Field(
+        "off", description="Drop duplicate conversations before the eval split, keeping the first: exact = the same "
+        "text once case and whitespace are normalised; near = also near-duplicates (near_threshold); off = "
+        "validate only reports them (docs/hygiene.md).")
+    near_threshold: float = Field(
+        0.8, gt=0, le=1, description="Similarity (MinHash estimate of the Jaccard of two conversations' words "
+        "and word pieces) from which they are near-duplicates, in (0, 1]; a conversation also is one when another "
+        "holds (1 + threshold) / 2 of it (a sentence or a turn added).")
+    language_filter: bool = Field(
+        False, description="Drop conversations not in output.language (the router's language identifier); "
+        "validate reports them either way.")
+    pii: Literal["report", "mask", "drop"] = Field(
+        "report", description="Personal data and secrets (emails, phone numbers, card numbers, IBANs, national "
+        "ids, IP addresses, API keys): report = validate counts them; mask = typed placeholders such as <EMAIL> "
+        "in what trains (your files are not changed); drop = leave those conversations out.")
+    replay: float = Field(
+        0.0, ge=0, lt=1, description="Share of the training rows drawn from the general set in output.language "
+        "(chatterbot-corpus; a part eval's forgetting check never scores), to reduce forgetting; 0 = none.")
 
 
 class Lora(_Section):
@@ -131,6 +152,11 @@ class Lora(_Section):
 
 
 class Training(_Section):
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft = supervised on the replies; dpo / orpo = preference tuning on chosen vs rejected "
+                           "replies (data in the preference format; train/preference.py).")
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference (TRL's beta); "
+                                               "orpo: weight of the odds-ratio term (the ORPO paper's lambda).")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is unset).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; wins over epochs.")
     batch_size: int = Field(4, gt=0, description="Samples (or packed rows) per device per micro-step.")
@@ -144,10 +170,11 @@ class Training(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     packing: bool = Field(False, description="Pack samples into full rows; no attention crosses samples.")
-    gradient_checkpointing: Literal["auto"] | bool = Field(
+    gradient_checkpointing: Literal["auto", "offload"] | bool = Field(
         "auto", description="Recompute activations in the backward pass: far less memory for ~30% more compute. "
-                            "auto = off when the run fits without it (lorachat plan's estimate, with headroom), "
-                            "else on.")
+                            "offload = also keep the checkpoints in pinned host memory (GPU only; on a CPU the "
+                            "same as true). auto = the fastest of off, on and offload that fits (lorachat plan's "
+                            "estimate, with headroom).")
     seed: int = Field(42, description="Seed for data order, dropout and init.")
     log_every: int = Field(10, gt=0, description="Steps between log lines (train_log.jsonl).")
     eval_every: int | None = Field(None, gt=0, description="Steps between eval-loss passes (default: at the end).")
@@ -158,6 +185,10 @@ class Training(_Section):
     kernels: Literal["none", "liger"] = Field(
         "none", description="liger = Liger-Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy (CUDA only)."
     )
+    on_nan: Literal["adapter", "run"] = Field(
+        "adapter", description="In a joint run (several recipes in one finetune): a NaN or inf loss of this adapter "
+                               "stops only this adapter (the others train on and are written) or the whole run. "
+                               "A run of one recipe always stops.")
 
     @model_validator(mode="after")
     def _epochs_default(self) -> Training:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
+from .data.hygiene.show import print_hygiene
 from .data.loading import first_problems
 from .encoding import Prepared, SplitStats, prepare
 from .errors import DataError
@@ -31,7 +32,7 @@ class Validation:
 
 
 def validate(loaded: LoadedRecipe) -> Validation:
-    inputs = load_inputs(loaded)
+    inputs = load_inputs(loaded, scan=True)
     problems = list(inputs.data.problems)
     prepared = prepare(inputs.loaded, inputs.data, inputs.template, role_stats=True, problems=problems)
     return Validation(inputs, prepared, problems, template_warnings(inputs, prepared))
@@ -103,8 +104,13 @@ def print_report(v: Validation, console: Console) -> None:
         for why, n in st.dropped.most_common():
             console.print(f"  {name}: {n} rows dropped: {why}")
     _print_roles(v.prepared.stats["train"], console)
+    data = loaded.recipe.data
+    print_hygiene(v.inputs.data.hygiene, console, dedup=data.dedup, language_filter=data.language_filter, pii=data.pii,
+                  names={s.location: s.path for s in v.inputs.data.sources})
     for w in v.warnings:
         console.print(f"[yellow]warning:[/] {w}")
+    for note in v.inputs.data.notes:
+        console.print(f"note: {note}")
 
 
 def _print_dialogue_counts(sources: list, console: Console) -> None:

@@ -13,4 +13,12 @@ if [ "$(cat "$llama_stamp" 2>/dev/null)" != "0.3.36" ]; then
     || echo "note: llama-cpp-python did not build; the llama.cpp export test will skip" >&2
   echo "0.3.36" > "$llama_stamp"
 fi
+# vLLM's CPU build in a venv of its own, for the `vllm` tests (tests/test_serve_vllm.py): made once per machine
+# (2-4 min, 3.5 GB), then reused. If it cannot be made, the suite goes on and those tests fail with the reason.
+vllm_log=.venv/.lorachat-vllm-env.log
+if vllm_python=$(bash scripts/vllm-env.sh 2> >(tee "$vllm_log" >&2)); then
+  export LORACHAT_VLLM_PYTHON=$vllm_python
+else
+  export LORACHAT_VLLM_ENV_FAILED=$PWD/$vllm_log
+fi
 exec python -m pytest -q "$@"

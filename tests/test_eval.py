@@ -136,7 +136,7 @@ def test_eval_writes_markdown_and_self_contained_html(adapters, tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     page = (tmp_path / "report.html").read_text()
     assert "| base |" in markdown and "| faq-en |" in markdown and "Reference:" in markdown
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3  # metrics, per-sample loss, learned vs forgot
     assert "src=\"http" not in page and "<script" not in page
 
 

@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train",),
     ("runtime",),
     ("evaluate",),
+    ("feedback",),
     ("chat", "serve", "merge", "validate", "preview"),
     ("cli",),
 )

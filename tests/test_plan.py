@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from lora_chat.cli import main
 from lora_chat.plan import Setup, Shape, estimate
-from lora_chat.plan.memory import LINEARS, LOSS_CHUNK_ROWS
+from lora_chat.plan.memory import LINEARS, loss_chunk_rows
 from lora_chat.recipe import cuda_only_problems, load_recipe
 from tests.conftest import sample_rows, write_jsonl
 
@@ -129,8 +129,11 @@ def test_quantization_shrinks_the_weights_as_nf4_and_int8_do():
     full, int8, nf4 = (estimate(SHAPE, _setup(quantization=q)).weights for q in ("none", "8bit", "4bit"))
     assert nf4 < int8 < full
     linear = SHAPE.layers * SHAPE.layer_linear_params()
-    # nf4 with double quantization: 0.5 + 1/64 + 4/16384 bytes a weight, plus fp32 embeddings and head
-    assert nf4 == pytest.approx(linear * 0.51587 + SHAPE.embedding_params * 4, rel=0.001)
+    # nf4 with double quantization: 0.5 + 1/64 + 4/16384 bytes a weight, plus embeddings and head in the compute
+    # dtype (lorachat does not upcast them; peft's prepare_model_for_kbit_training would, to fp32)
+    assert nf4 == pytest.approx(linear * 0.51587 + SHAPE.embedding_params * 2, rel=0.001)
+    upcast = estimate(SHAPE, _setup(quantization="4bit", kbit_upcast=True)).weights
+    assert upcast - nf4 == pytest.approx(SHAPE.embedding_params * 2, rel=0.01)
 
 
 def test_each_memory_setting_lowers_its_own_part():
@@ -143,10 +146,17 @@ def test_each_memory_setting_lowers_its_own_part():
     assert estimate(SHAPE, _setup(seq_len=1024)).total < plain.total
 
 
-def test_plan_counts_the_loss_chunk_the_trainer_uses():
-    from lora_chat.train.loss import LOSS_CHUNK_ROWS as trainer_chunk
+def test_plan_counts_the_loss_chunk_the_trainer_uses(monkeypatch):
+    """The chunk used to be 1024 rows whatever the vocabulary: 1 GiB of logits buffers at Llama 3's 128k."""
+    from lora_chat.train import loss
 
-    assert LOSS_CHUNK_ROWS == trainer_chunk
+    seen = []
+    real = loss._ChunkedCrossEntropy.apply
+    monkeypatch.setattr(loss._ChunkedCrossEntropy, "apply", lambda *a: seen.append(a[-1]) or real(*a))
+    for vocab, rows in ((32000, 256), (49152, 128), (128256, 64), (100, 1024)):
+        assert loss_chunk_rows(vocab) == rows
+        loss.chunked_cross_entropy(torch.zeros(3, 8), torch.zeros(vocab, 8), torch.zeros(3, dtype=torch.long))
+        assert seen[-1] == rows
 
 
 def test_chunked_loss_matches_full_cross_entropy_and_its_gradients():
@@ -182,9 +192,9 @@ def test_auto_checkpointing_is_off_on_the_cards_the_run_fits_without_it(config_o
     cards = {card["name"]: card for card in plan["gpus"]}
     assert cards["RTX 4090"]["gradient_checkpointing"] is True and cards["RTX 4090"]["fits"]
     assert cards["H200"]["gradient_checkpointing"] is False
-    assert plan["gradient_checkpointing"] == {"setting": "auto", "on": False}
+    assert plan["gradient_checkpointing"] == {"setting": "auto", "on": False, "offload": False}
     assert plan["peak_memory_gib"] <= 0.8 * plan["gpu_memory_gib"]  # the headroom auto keeps
     _, forced = plan_json(recipe, "--set", "data.max_length=4096", "--gpu", "H200",
                           "--set", "training.gradient_checkpointing=true")
-    assert forced["gradient_checkpointing"] == {"setting": True, "on": True}
+    assert forced["gradient_checkpointing"] == {"setting": True, "on": True, "offload": False}
     assert plan["tokens_per_s"] > 1.2 * forced["tokens_per_s"]  # no layer recomputed

@@ -532,3 +532,17 @@ def test_tensorboard_reporting_writes_event_files(make_recipe):
     result = finetune(recipe)
     assert result.exit_code == 0, result.output
     assert list((out_dir(recipe) / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_gradient_accumulation_gives_the_update_of_one_big_batch(make_recipe):
+    """Each micro-batch used to be divided by its own trained tokens (transformers counts a step's tokens only for
+    batches with a "labels" key): a step of grad_accum 2 moved SGD's weights ~2x as far as one batch of its rows."""
+    from safetensors.torch import load_file
+
+    training = {"max_steps": 2, "optimizer": "sgd", "lr": 0.5, "max_grad_norm": 1e9}
+    accumulated = make_recipe(name="accumulated", training={**training, "batch_size": 2, "grad_accum": 2})
+    one_batch = make_recipe(name="one-batch", training={**training, "batch_size": 4, "grad_accum": 1})
+    for recipe in (accumulated, one_batch):
+        assert finetune(recipe).exit_code == 0
+    a, b = (load_file(str(out_dir(r) / "adapter_model.safetensors")) for r in (accumulated, one_batch))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

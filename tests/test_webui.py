@@ -258,3 +258,86 @@ def test_a_server_stopped_mid_stream_is_reported_and_the_reply_so_far_kept(rt, b
     errors = [li.text for li in pane.find_elements(By.CSS_SELECTOR, ".messages li.error")]
     assert errors and "the server stopped mid-reply" in errors[0]
     assert replies(pane)[0]  # what arrived before the cut is still there
+
+
+# ---------------------------------------------------------------- feedback (serve --record)
+
+
+def press(element, key=Keys.ENTER) -> None:
+    """Keyboard only: the element takes the focus as Tab would give it (buttons are in the tab order), then a key."""
+    assert element.get_property("tabIndex") >= 0
+    element.send_keys(key)
+
+
+def test_without_record_the_page_shows_no_badge_and_no_votes(server, browser):
+    browser.get(page_url(server, "?models=faq-en"))
+    wait(browser, lambda: "faq-en" in panes(browser))
+    send(browser, "How long does it take?")
+    wait(browser, lambda: replies(panes(browser)["faq-en"]) and not streaming(browser))
+    assert not browser.find_element(By.ID, "recording").is_displayed()
+    assert not browser.find_elements(By.CSS_SELECTOR, ".messages li.feedback")
+
+
+def test_votes_edits_and_a_side_by_side_verdict_are_recorded_from_the_keyboard(rt, browser, tmp_path):
+    from lora_chat.feedback.store import read_records
+
+    live = _live(rt, record=tmp_path / "rec")
+    try:
+        browser.get(page_url(live, "?models=faq-en,talk-sv"))
+        badge = browser.find_element(By.ID, "recording")
+        wait(browser, lambda: badge.is_displayed())
+        assert "Recording" in badge.text
+        send(browser, "How long does a building permit take?")
+        wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, ".messages li.feedback")) == 2)
+        en, sv = panes(browser)["faq-en"], panes(browser)["talk-sv"]
+        up = en.find_element(By.CSS_SELECTOR, "li.feedback .vote-up")
+        press(up, Keys.SPACE)
+        wait(browser, lambda: up.get_attribute("aria-pressed") == "true")
+        press(sv.find_element(By.CSS_SELECTOR, "li.feedback .edit"))
+        box = sv.find_element(By.CSS_SELECTOR, ".editor textarea")
+        wait(browser, lambda: browser.switch_to.active_element == box)  # the editor takes the focus
+        box.clear()
+        box.send_keys("A permit takes ten weeks.")
+        press(sv.find_element(By.CSS_SELECTOR, ".editor button[type=submit]"))
+        wait(browser, lambda: not sv.find_elements(By.CSS_SELECTOR, ".editor"))
+        compare = browser.find_element(By.ID, "compare")
+        assert compare.is_displayed()
+        choices = {b.text: b for b in compare.find_elements(By.CSS_SELECTOR, "button")}
+        assert list(choices) == ["A is better", "B is better", "Tie"]
+        press(choices["A is better"])
+        wait(browser, lambda: choices["A is better"].get_attribute("aria-pressed") == "true")
+        wait(browser, lambda: "recorded: A is better" in browser.find_element(By.ID, "status").text)
+    finally:
+        live.stop()
+    records = read_records(tmp_path / "rec")
+    by_model = {e["model"]: e for e in records.exchanges.values()}
+    assert set(by_model) == {"faq-en", "talk-sv"}
+    assert [(f["response"], f.get("rating"), f.get("edit")) for f in records.feedback] == [
+        (by_model["faq-en"]["id"], "up", None), (by_model["talk-sv"]["id"], None, "A permit takes ten weeks.")]
+    [verdict] = records.comparisons
+    assert verdict["models"] == ["faq-en", "talk-sv"] and verdict["winner"] == "a"
+
+
+def test_the_feedback_controls_are_readable_in_dark_mode(rt, browser, tmp_path):
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                            {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    live = _live(rt, record=tmp_path / "rec")
+    try:
+        browser.get(page_url(live, "?models=faq-en,talk-sv"))
+        wait(browser, lambda: browser.find_element(By.ID, "recording").is_displayed())
+        send(browser, "How long does a building permit take?")
+        wait(browser, lambda: browser.find_element(By.ID, "compare").is_displayed())
+        page = browser.execute_script("return getComputedStyle(document.body).backgroundColor")
+        assert page == "rgb(21, 24, 28)"
+        for selector in ("#recording", "li.feedback .vote-up", "#compare button"):
+            element = browser.find_element(By.CSS_SELECTOR, selector)
+            colour, background = browser.execute_script(
+                "const s = getComputedStyle(arguments[0]); return [s.color, s.backgroundColor]", element)
+            assert colour not in (page, background), selector  # text that shows on its ground
+            assert colour.startswith("rgb(") and sum(map(int, colour[4:-1].split(","))) > 3 * 128, selector  # light
+        shot = tmp_path / "feedback-dark.png"
+        browser.save_screenshot(str(shot))
+        assert not_blank(shot)
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        live.stop()

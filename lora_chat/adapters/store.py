@@ -199,6 +199,24 @@ def _model_index(name: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": name, "results": results}] if results else []
 
 
+def _forgetting(metrics: dict[str, Any]) -> str:
+    """eval's learned-vs-forgot numbers as a sentence with their intervals (lorachat eval's forgetting check)."""
+    values = metrics.get("eval")
+    if not isinstance(values, dict) or "forgetting" not in values:
+        return ""
+    ci = values["forgetting"]["ci95"]
+
+    def signed(key: str) -> str:
+        low, high = ci[key]
+        return f"{values[key]:+.3f} (95% interval {low:+.3f} to {high:+.3f})"
+    verdict = ("its general loss rose beyond its interval: it forgot some of what the base did"
+               if values["forgetting"]["forgot"] else "no rise in general loss beyond its interval")
+    return (f"**Learned vs forgot.** Loss gain on its own eval data {signed('own_loss_gain')} nats/token, win rate "
+            f"{values['own_win_rate']:.2f} against the base; loss change on general data "
+            f"({values['forgetting']['general_set']}) {signed('general_loss_delta')}, greedy replies identical to "
+            f"the base's on {values['general_agreement']:.0%} of general prompts: {verdict}.\n\n")
+
+
 def render_card(manifest: dict[str, Any], recipe_yaml: str, metrics: dict[str, Any]) -> str:
     """The model card: hub YAML front matter, then what was trained on what, the recipe and the results."""
     base = manifest["base"]
@@ -238,5 +256,5 @@ def render_card(manifest: dict[str, Any], recipe_yaml: str, metrics: dict[str, A
             f"Load it with `PeftModel.from_pretrained(base, \"<this folder>\")`; the tokenizer files and "
             f"`chat_template.jinja` here are the exact ones it was trained with.\n\n"
             f"## Data\n\n{credits or '- (none recorded)'}\n\n"
-            f"## Results\n\n| section | metric | value |\n|---|---|---|\n{results}\n\n"
+            f"## Results\n\n| section | metric | value |\n|---|---|---|\n{results}\n\n{_forgetting(metrics)}"
             f"## Recipe\n\n```yaml\n{recipe_yaml}```\n")

@@ -13,14 +13,22 @@
 | multiwoz          | {"dialogue_id", "services", "turns": {"speaker": [0, 1, ...], "utterance": [...]}}      |
 |                   | (multi_woz_v22; `turns` may also be a list of {speaker, utterance}) or MultiWOZ 2.0/2.1's |
 |                   | data.json dialogue {"goal": {...}, "log": [{"text", "metadata"}, ...]}                   |
+| preference        | {"prompt" or "messages", "chosen", "rejected"}: one prompt, two replies (strings or       |
+|                   | assistant messages); TRL's implicit-prompt rows and Anthropic HH's full conversations    |
+|                   | ({"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": ...}), UltraFeedback's sides |
+|                   | that repeat the prompt                                                                  |
 
 The three dialogue datasets are published as speaker turns, not roles: a recipe's `roles` says which
 speaker is the assistant, and what the rows carry besides turns (MultiWOZ's domains, DailyDialog's act
 and emotion labels) is kept in `Conversation.meta`.
+
+A preference row becomes the conversation prompt + chosen reply (so SFT on it trains the chosen reply, and the
+prompt's own assistant turns are never trained), with the rejected reply in `meta["rejected"]`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +60,8 @@ _SHAREGPT_ROLES = {
 def detect(row: Any, where: Where) -> str:
     """The format of one row, from the keys it has."""
     if isinstance(row, dict):
+        if "chosen" in row and "rejected" in row:  # before messages: a preference row may hold its prompt there
+            return "preference"
         if "messages" in row:
             return "messages"
         if "conversations" in row:
@@ -304,6 +314,79 @@ def _from_multiwoz(row: dict, where: Where, source: Source) -> tuple[list[Messag
     return _speaker_turns(turns, roles, where), meta
 
 
+# Anthropic HH-RLHF writes each side as one string of turns: "\n\nHuman: ...\n\nAssistant: ...".
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def _from_preference(row: dict, where: Where, source: Source = _DEFAULTS) -> tuple[list[Message], dict]:
+    """One prompt and two replies -> prompt + chosen, with the rejected reply in meta["rejected"].
+
+    The prompt is the row's `prompt` (a string or messages) or `messages`; without either (TRL's implicit-prompt
+    shape, Anthropic HH) each side is a whole conversation whose last turn is the reply and whose earlier turns
+    must be the same on both sides. A side that repeats the prompt before its reply (UltraFeedback-binarized)
+    must repeat it exactly.
+    """
+    key = "prompt" if "prompt" in row else "messages" if "messages" in row else None
+    prompt = None if key is None else _preference_prompt(row[key], where, key)
+    replies, prompts = {}, {}
+    for side in ("chosen", "rejected"):
+        turns = _preference_side(row.get(side), where, side, hh=prompt is None)
+        if prompt is not None and turns[:-1] and turns[:-1] != prompt:
+            raise DataError(f"{side} repeats a prompt that differs from {key}", _field(where, side))
+        if prompt is None and len(turns) < 2:
+            raise DataError("a side without a prompt field must be the whole conversation (prompt turns, then "
+                            "the reply)", _field(where, side))
+        if turns[-1].role != "assistant":
+            raise DataError("must end with the assistant's reply", _field(where, side))
+        prompts[side], replies[side] = turns[:-1], turns[-1]
+    if prompt is None:
+        if prompts["chosen"] != prompts["rejected"]:
+            turn = next((i for i, (a, b) in enumerate(zip(prompts["chosen"], prompts["rejected"])) if a != b),
+                        min(len(prompts["chosen"]), len(prompts["rejected"])))
+            raise DataError(f"chosen and rejected have different prompts (they differ at turn {turn})",
+                            _field(where, "rejected"))
+        prompt = prompts["chosen"]
+    if replies["chosen"].content.strip() == replies["rejected"].content.strip():
+        raise DataError("chosen and rejected are the same reply: the pair teaches nothing", _field(where, "rejected"))
+    if prompt[-1].role != "user":
+        raise DataError("the prompt must end with a user turn", _field(where, key or "chosen"))
+    # Only the reply is trained: the prompt's earlier assistant turns are context.
+    context = [Message(m.role, m.content, False) if m.role == "assistant" else m for m in prompt]
+    return [*context, replies["chosen"]], {"rejected": replies["rejected"]}
+
+
+def _preference_prompt(value: Any, where: Where, key: str) -> list[Message]:
+    if isinstance(value, str):
+        return [Message("user", _text(value, where, key))]
+    return _from_messages({"messages": value}, where) if isinstance(value, list) else \
+        _from_messages({"messages": [value]}, where)
+
+
+def _preference_side(value: Any, where: Where, side: str, hh: bool) -> list[Message]:
+    """A side's turns: a reply string, HH's conversation string, one message or a list of messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError("the reply is empty", _field(where, side))
+        if hh and _HH_TURN.search("\n\n" + value.lstrip("\n")):
+            parts = _HH_TURN.split("\n\n" + value.lstrip("\n"))[1:]  # speaker, text, speaker, text, ...
+            turns = [Message("user" if who == "Human" else "assistant", text.strip())
+                     for who, text in zip(parts[::2], parts[1::2])]
+            if not turns or not turns[-1].content:
+                raise DataError("the reply is empty", _field(where, side))
+            return turns
+        return [Message("assistant", value)]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise DataError("must be a reply string or a non-empty list of messages", _field(where, side))
+    try:
+        return _from_messages({"messages": value}, where)
+    except DataError as err:  # name the side, not a `messages` field the row does not have
+        field = (err.where.field or "").replace("messages", side, 1)
+        reason = "the reply is empty" if err.reason == "content is empty" else err.reason
+        raise DataError(reason, _field(where, field)) from None
+
+
 def fold_dialogues(conversations: list[Conversation]) -> tuple[list[Conversation], int]:
     """Keep only the longest row of each dialogue that was published one row per turn (PersonaChat's
     per-turn shape): every earlier row is a prefix of it. So no reply is trained twice and no dialogue
@@ -321,7 +404,7 @@ def fold_dialogues(conversations: list[Conversation]) -> tuple[list[Conversation
 _CONVERTERS: dict[str, Callable[[dict, Where, Source], list[Message] | tuple[list[Message], dict]]] = {
     "messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
     "prompt_completion": _from_prompt_completion, "turns": _from_turns, "dailydialog": _from_dailydialog,
-    "personachat": _from_personachat, "multiwoz": _from_multiwoz,
+    "personachat": _from_personachat, "multiwoz": _from_multiwoz, "preference": _from_preference,
 }
 
 

@@ -16,6 +16,8 @@ from ..files import sha256_file
 from ..recipe import EvalSplit, LoadedRecipe, Source
 from .conversation import Conversation
 from .formats import TWO_SPEAKERS, WITH_DOMAINS, detect, fold_dialogues, to_conversation
+from .general import FOLDERS, PACKAGE, replay_rows
+from .hygiene.scan import HygieneReport, clean, leakage
 from .sources import read_rows, resolve_path
 
 MAX_PROBLEMS_SHOWN = 20
@@ -44,13 +46,16 @@ class LoadedData:
     sources: list[SourceReport] = field(default_factory=list)
     problems: list[DataError] = field(default_factory=list)
     eval_overlap_removed: int = 0  # train rows dropped because they also appear in the eval sources
+    notes: list[str] = field(default_factory=list)  # worth saying, not wrong (a replay language fallback)
+    hygiene: HygieneReport | None = None  # duplicates, languages, personal data: found and filtered (hygiene/)
 
 
-def load_data(loaded: LoadedRecipe) -> LoadedData:
-    """Read every source, lint every row, split off eval and mix by weight.
+def load_data(loaded: LoadedRecipe, scan: bool = False) -> LoadedData:
+    """Read every source, lint every row, apply the hygiene filters, split off eval and mix by weight.
 
     Train rows stay in data order (source by source, row by row) so `preview` shows the file as
-    written; the trainer shuffles by the recipe's seed.
+    written; the trainer shuffles by the recipe's seed. `scan`: run every hygiene check for the report
+    (validate), not only those the recipe's filters need.
     """
     data, seed = loaded.recipe.data, loaded.recipe.training.seed
     reports: list[SourceReport] = []
@@ -66,23 +71,40 @@ def load_data(loaded: LoadedRecipe) -> LoadedData:
     held_out: list[Conversation] = []
     overlap = 0
     if isinstance(data.eval, EvalSplit):
-        for source, rows in per_source:
+        cleaned, _, hygiene = clean(loaded, [rows for _, rows in per_source], [], scan)
+        kept_rows = []
+        for (source, _), rows in zip(per_source, cleaned):
             kept, out = _split(rows, data.eval.split, rng)
             held_out += out
+            kept_rows += kept
             train += _weighted(kept, source.weight, rng)
         if data.eval.max_rows is not None:
             held_out = held_out[: data.eval.max_rows]
+        if scan:
+            leakage(kept_rows, held_out, hygiene)
     else:
+        eval_sources = []
         for i, source in enumerate(data.eval):
             rows, report = _read_source(source, loaded, ("data", "eval", str(i)), problems)
             reports.append(report)
-            held_out += rows
+            eval_sources.append(rows)
+        cleaned, eval_sources, hygiene = clean(loaded, [rows for _, rows in per_source], eval_sources, scan)
+        held_out = [c for rows in eval_sources for c in rows]
         eval_keys = {_key(c) for c in held_out}
-        for source, rows in per_source:
+        for (source, _), rows in zip(per_source, cleaned):
             kept = [c for c in rows if _key(c) not in eval_keys]
             overlap += len(rows) - len(kept)
             train += _weighted(kept, source.weight, rng)
-    return LoadedData(train, held_out, reports, problems, overlap)
+    notes = []
+    if data.replay:
+        # After the split and the weighting, so the domain's eval split is the same with or without replay.
+        replay = replay_rows(loaded.recipe.output.language, data.replay, len(train), seed)
+        train += replay.conversations
+        reports.append(SourceReport(f"pkg:{PACKAGE}/data/{FOLDERS[replay.language]} (data.replay)",
+                                    str(replay.files[0]), "turns", False, rows=len(replay.conversations),
+                                    usable=len(replay.conversations)))
+        notes += [f"data.replay: {replay.note}"] if replay.note else []
+    return LoadedData(train, held_out, reports, problems, overlap, notes, hygiene)
 
 
 def _read_source(source: Source, loaded: LoadedRecipe, key: tuple[str, ...],

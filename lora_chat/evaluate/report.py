@@ -22,6 +22,7 @@ from typing import Any
 from ..files import write_text_atomic
 from .judge import JudgeResult
 from .metrics import METRICS, PRIMARY, win_tie_loss
+from .preference import table as pairs_table
 from .stats import bootstrap_mean, bootstrap_ratio
 
 BASE = "base"
@@ -68,14 +69,14 @@ def build_report(models: list[ModelInfo], datasets: list[DatasetResult], seed: i
         if model.path:
             row.update(kind=model.kind, path=model.path, domain=model.domain, language=model.language)
         cells = [(d, d.cells[model.name]) for d in datasets]
-        row.update(_summary(_pool([c for _, c in cells]), _pool([d.cells[BASE] for d in datasets]), model, seed))
+        row.update(_summary(pool([c for _, c in cells]), pool([d.cells[BASE] for d in datasets]), model, seed))
         row["by_dataset"] = {d.name: _summary(c, d.cells[BASE], model, seed) for d, c in cells}
         rows.append(row)
     return {**meta, "models": rows, "datasets": [_dataset_row(d) for d in datasets],
             "samples": [s for d in datasets for s in _samples(d, models)]}
 
 
-def _pool(cells: list[Cell]) -> Cell:
+def pool(cells: list[Cell]) -> Cell:
     judges = [c.judge for c in cells if c.judge is not None]
     judge = None
     if judges:
@@ -194,6 +195,49 @@ def matrix_table(report: dict) -> tuple[list[str], list[list[str]]]:
     return ["loss (delta vs base)", *names], rows
 
 
+FORGETTING_TEXT = ("Learned: loss gain on each adapter's own data (base loss - adapter loss, nats per token; + = "
+                   "better) and win rate against the base (ties count half). Forgot: loss change on general "
+                   "data outside every adapter's domain (adapter - base; + = worse) and the share of general "
+                   "prompts whose greedy reply is the base's, word for word. Paired bootstrap 95% intervals.")
+
+
+def _signed(estimate: dict, digits: int) -> str:
+    value, (low, high) = estimate["value"], estimate["ci95"]
+    if value is None:
+        return "n/a"
+    return f"{value:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def forgetting_table(report: dict, intervals: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Learned vs forgot, one row per adapter; without `intervals` (a terminal) the agreement loses its
+    interval and the losses show two decimals, so the table fits 80 columns."""
+    digits = 3 if intervals else 2
+    header = ["model", "own loss gain", "win rate", "general set", "general loss change", "agreement", "flag"]
+    rows = []
+    for a in report["forgetting"]["adapters"]:
+        own, general = a["own"], a["general"]
+        agreement = _fmt(general["agreement"], 2) if intervals else _value(general["agreement"], 2)
+        rows.append([a["name"], _signed(own["loss_gain"], digits), f"{own['win_rate']:.2f}", a["general_set"],
+                     _signed(general["loss_delta"], digits), agreement, "FORGOT" if a["forgot"] else ""])
+    if not intervals:
+        rows = [r[:3] + r[4:] for r in rows]
+        header = header[:3] + header[4:]
+    return header, rows
+
+
+def forgetting_flags(report: dict) -> list[str]:
+    """One line per adapter whose general loss rose beyond its 95% interval."""
+    lines = []
+    for a in report.get("forgetting", {}).get("adapters", []):
+        if a["forgot"]:
+            low, high = a["general"]["loss_delta"]["ci95"]
+            lines.append(f"{a['name']} forgot: its loss on {a['general_set']} rose by "
+                         f"{a['general']['loss_delta']['value']:+.3f} nats/token (95% interval [{low:+.3f}, "
+                         f"{high:+.3f}], all above 0); mixing general rows into training (data.replay: 0.1) "
+                         f"or a lower lr or rank forgets less")
+    return lines
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     def line(cells):
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
@@ -208,6 +252,8 @@ def _notes(report: dict) -> list[str]:
         judge = m.get("judge")
         if judge and judge["status"] != "ok":
             notes.append(f"judge failed for {m['name']}: {judge['reason']}")
+    for g in report.get("forgetting", {}).get("sets", []):
+        notes += [f"{g['name']}: {n}" for n in g["notes"]]
     return notes
 
 
@@ -222,6 +268,11 @@ def generation_line(report: dict) -> str:
     return f"Generation: {g['dtype']}, batch size {g['batch_size']}, {invariant}."
 
 
+PAIRS_TEXT = ("The share of held-out preference pairs where the model gives the chosen reply a higher likelihood "
+              "than the rejected one (a tie counts half), with a bootstrap 95% interval over pairs; margin: the mean "
+              "log-probability of chosen minus rejected.")
+
+
 def to_markdown(report: dict) -> str:
     parts = [f"# Eval: {', '.join(m['name'] for m in report['models'][1:])} vs base",
              f"Base `{report['base']['model_id']}`; {sum(d['samples'] for d in report['datasets'])} samples; "
@@ -229,6 +280,11 @@ def to_markdown(report: dict) -> str:
              f"per sample against the base. {generation_line(report)}",
              _md_table(*summary_table(report)),
              "## Per dataset", _md_table(*matrix_table(report))]
+    if "pairs" in report:
+        parts += ["## Pair accuracy", PAIRS_TEXT, _md_table(*pairs_table(report))]
+    if "forgetting" in report:
+        parts += ["## Learned vs forgot", FORGETTING_TEXT + " " + _general_sources(report),
+                  _md_table(*forgetting_table(report)), *(f"**Warning:** {line}" for line in forgetting_flags(report))]
     notes = _notes(report)
     if notes:
         parts += ["## Notes", "\n".join(f"- {n}" for n in notes)]
@@ -246,32 +302,49 @@ def to_markdown(report: dict) -> str:
 # ---------------------------------------------------------------- HTML
 
 
+HTML_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+              "pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}img{max-width:100%}")
+
+
+def html_table(header: list[str], rows: list[list[str]]) -> str:
+    """A table of text cells, escaped (shared with the feedback report)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained page around `body` (already HTML), in the eval report's style."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{HTML_STYLE}</style></head><body>{body}</body></html>\n")
+
+
 def to_html(report: dict) -> str:
     """One self-contained page: tables, plots as base64 PNG, side-by-side samples."""
-    def table(header, rows):
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-        return f"<table><tr>{head}</tr>{body}</table>"
-
     samples = []
     for s in report["samples"][:SHOWN_SAMPLES]:
         rows = [[name, reply, f"{s['loss'][name]:.3f}", f"{s['scores'][name][PRIMARY]:.1f}"]
                 for name, reply in s["replies"].items()]
         samples.append(f"<h3>{html.escape(s['dataset'])} #{s['index']}</h3><pre>{html.escape(s['prompt'])}</pre>"
                        f"<p><b>Reference:</b> {html.escape(s['reference'])}</p>"
-                       + table(["model", "reply", "loss", PRIMARY], rows))
+                       + html_table(["model", "reply", "loss", PRIMARY], rows))
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in _notes(report))
     plots = "".join(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">' for alt, png in _plots(report))
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
-             "pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>lorachat eval</title><style>{style}</style>"
-            f"</head><body><h1>Eval against base {html.escape(report['base']['model_id'])}</h1>"
-            f"<p>Means with bootstrap 95% intervals; metrics 0-100; win/tie/loss on {PRIMARY} per sample. "
-            f"{html.escape(generation_line(report))}</p>"
-            + table(*summary_table(report)) + "<h2>Per dataset</h2>" + table(*matrix_table(report))
-            + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "")
-            + f"<h2>Plots</h2>{plots}<h2>Samples</h2>{''.join(samples)}</body></html>\n")
+    return html_page("lorachat eval",
+                     f"<h1>Eval against base {html.escape(report['base']['model_id'])}</h1>"
+                     f"<p>Means with bootstrap 95% intervals; metrics 0-100; win/tie/loss on {PRIMARY} per sample. "
+                     f"{html.escape(generation_line(report))}</p>"
+                     + html_table(*summary_table(report)) + "<h2>Per dataset</h2>"
+                     + html_table(*matrix_table(report))
+                     + (f"<h2>Pair accuracy</h2><p>{html.escape(PAIRS_TEXT)}</p>" + html_table(*pairs_table(report))
+                        if "pairs" in report else "")
+                     + (f"<h2>Learned vs forgot</h2><p>{html.escape(FORGETTING_TEXT + ' ' + _general_sources(report))}"
+                        f"</p>" + html_table(*forgetting_table(report))
+                        + "".join(f"<p><b>Warning:</b> {html.escape(line)}</p>" for line in forgetting_flags(report))
+                        if "forgetting" in report else "")
+                     + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "")
+                     + f"<h2>Plots</h2>{plots}<h2>Samples</h2>{''.join(samples)}")
 
 
 def _plots(report: dict) -> list[tuple[str, str]]:
@@ -307,7 +380,37 @@ def _plots(report: dict) -> list[tuple[str, str]]:
         ax.legend(fontsize="small")
     fig.tight_layout()
     out.append(("per-sample loss, base vs adapter", _png(fig, plt)))
+    if report.get("forgetting", {}).get("adapters"):
+        out.append(("learned vs forgot: gain on own data against loss change on general data",
+                    _forgetting_plot(report["forgetting"]["adapters"], plt)))
     return out
+
+
+def _general_sources(report: dict) -> str:
+    return "General data: " + "; ".join(f"{g['name']} = {g['source']}, {g['samples']} conversations"
+                                        for g in report["forgetting"]["sets"]) + "."
+
+
+def _forgetting_plot(adapters: list[dict], plt: Any) -> str:
+    """One point per adapter with both 95% intervals, the base at the origin: right is learned, up is forgot."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    ax.axhline(0, color="grey", linewidth=1)
+    ax.axvline(0, color="grey", linewidth=1)
+    ax.scatter([0], [0], marker="s", color="black", zorder=3)
+    ax.annotate("base", (0, 0), textcoords="offset points", xytext=(6, -12))
+    for a in adapters:
+        gain, delta = a["own"]["loss_gain"], a["general"]["loss_delta"]
+        if gain["value"] is None or delta["value"] is None:
+            continue
+        x, y = gain["value"], delta["value"]
+        xerr = [[max(0.0, x - gain["ci95"][0])], [max(0.0, gain["ci95"][1] - x)]]
+        yerr = [[max(0.0, y - delta["ci95"][0])], [max(0.0, delta["ci95"][1] - y)]]
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", capsize=3, color="tab:red" if a["forgot"] else "tab:blue")
+        ax.annotate(a["name"], (x, y), textcoords="offset points", xytext=(6, 6))
+    ax.set(xlabel="learned: loss gain on own data (nats/token, + = better)",
+           ylabel="forgot: loss change on general data (+ = worse)", title="learned vs forgot (red: forgot)")
+    fig.tight_layout()
+    return _png(fig, plt)
 
 
 def _bars(ax: Any, xs: Any, estimates: list[dict], offset: float, width: float, label: str) -> None:

@@ -13,7 +13,9 @@ Order matters and reads top to bottom in `run_eval`:
   4. per dataset: loss under the masks and greedy (or seeded) replies, rows of every model mixed in the
      same batches; replies do not depend on the batch unless `--fast` (the report records which);
      then each `--model` folder the same way, one at a time, after the runtime is released;
-  5. the optional judge, then report.json/.md/.html and a summary in each adapter's metrics.json.
+  5. the general set (forgetting.py): the base and each adapter on held-out chat outside every adapter's
+     domain, greedy, read and encoded in step 2 so a bad `--general` file fails before weights load;
+  6. the optional judge, then report.json/.md/.html and a summary in each adapter's metrics.json.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ..progress import Progress
 from ..recipe import Source
 from ..runtime import BASE, AdapterSet, OpenedAdapter, SetPlan
 from ..templates import ChatTemplate
+from . import forgetting, preference
 from .generate import Decoding, generate_replies
 from .judge import Judge, JudgeResult
 from .loss import sample_losses
@@ -58,6 +61,10 @@ class EvalOptions:
     out: Path = Path("eval")
     seed: int = 0  # bootstrap resampling
     force: bool = False  # another base id/revision of the same shapes: a warning instead of an error
+    general: Path | None = None  # the general set for the forgetting check; None: the shipped one per language
+    no_general: bool = False  # skip the forgetting check
+    general_rows: int = forgetting.GENERAL_ROWS
+    pairs: tuple[Path, ...] = ()  # preference files for pair accuracy; default: the preference rows of the eval data
 
 
 @dataclass
@@ -75,6 +82,8 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print, console: 
     """
     if bool(options.judge_url) != bool(options.judge_model):
         raise LorachatError("--judge-url and --judge-model go together", Where(field="--judge-url"))
+    if options.general is not None and options.no_general:
+        raise LorachatError("--general and --no-general exclude each other", Where(field="--general"))
     plan = SetPlan.make(options.adapters, base=options.base, force=options.force)
     merged = _check_merged(options.models, plan)
     tokenizer = plan.tokenizer()
@@ -84,6 +93,8 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print, console: 
                                 "settings, which a lorachat adapter records there", Where(a.info.path))
     sources = {a.name: _Source(a, a.template(tokenizer)) for a in plan.adapters}
     datasets, encoded = _datasets(plan.adapters, sources, options, say)
+    general, general_results, general_encoded = _general(plan.adapters, sources, options, say)
+    pair_sets = preference.gather(plan.adapters, sources, options.pairs, options.data, options.max_samples, say)
 
     rt = plan.load(tokenizer, batch_invariant=not options.fast, say=say)
     models = [ModelInfo(BASE)] + [
@@ -92,6 +103,13 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print, console: 
     generation = {"dtype": rt.dtype, "batch_size": options.decoding.batch_size,
                   "batch_invariant": rt.batch_invariant}
     _evaluate(rt, rt.names, datasets, encoded, options.decoding, console)
+    if pair_sets:
+        with _progress(console, "pair accuracy", len(rt.names) * sum(2 * len(s.chosen) for s in pair_sets)) as bar:
+            preference.score(rt, rt.names, pair_sets, options.seed, done=lambda n: bar.update(n))
+    greedy = Decoding(max_new_tokens=min(options.decoding.max_new_tokens, forgetting.GENERAL_NEW_TOKENS),
+                      batch_size=options.decoding.batch_size)
+    for g, result, samples in zip(general, general_results, general_encoded):
+        _evaluate(rt, [BASE, *g.members], [result], [samples], greedy, console)
     del rt  # one model in memory at a time: the merged folders are whole models
     gc.collect()
     for path in merged:
@@ -103,11 +121,12 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print, console: 
     judge = Judge(options.judge_url, options.judge_model) if options.judge_url else None
     if judge is not None:
         _judge(judge, models, datasets, say)
-    if not options.fast:
-        notes = []
-    else:
-        notes = ["--fast: generation ran with the stock attention kernels, so a greedy reply may change with "
-                 "--batch-size and with the other prompts in its batch; the generation metrics depend on batching"]
+    notes = []
+    if merged and general:
+        notes.append("merged models (--model) are not scored on the general set: see their adapter's row")
+    if options.fast:
+        notes += ["--fast: generation ran with the stock attention kernels, so a greedy reply may change with "
+                  "--batch-size and with the other prompts in its batch; the generation metrics depend on batching"]
     base = plan.base
     meta = {"lorachat": __version__, "seed": options.seed,
             "base": {"model_id": base.model_id, "revision": base.revision, "source": base.source},
@@ -115,10 +134,16 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print, console: 
             "judge": {"url": judge.url, "model": judge.model} if judge else None,
             "notes": plan.notes + plan.warnings + ([base.note] if base.note else []) + notes}
     report = build_report(models, datasets, options.seed, meta)
+    if general:
+        report["forgetting"] = forgetting.summarise(general, general_results, datasets, options.seed)
+    if pair_sets:
+        report["pairs"] = preference.summarise(pair_sets)
+    forgot = {row["name"]: forgetting.card_numbers(row) for row in report.get("forgetting", {}).get("adapters", [])}
     for path in write_reports(report, Path(options.out)):
         say(f"wrote {path}")
     for adapter, row in zip(plan.adapters, report["models"][1:]):
-        update_metrics(adapter.info.path, "eval", _card_summary(row, base.model_id))
+        update_metrics(adapter.info.path, "eval", {**_card_summary(row, base.model_id), **forgot.get(row["name"], {}),
+                                                     **preference.card_numbers(report, row["name"])})
     return report
 
 
@@ -234,7 +259,7 @@ def _datasets(adapters: list[OpenedAdapter], sources_by_name: dict[str, _Source]
         used: set[str] = set()
         for path in options.data:
             name = _unique(Path(path).stem, used)
-            sources.append((name, str(path), None, _read_file(Path(path)), sources_by_name[adapters[0].name]))
+            sources.append((name, str(path), None, _read_file(Path(path), "--data"), sources_by_name[adapters[0].name]))
     else:
         for adapter in adapters:
             try:
@@ -259,14 +284,41 @@ def _datasets(adapters: list[OpenedAdapter], sources_by_name: dict[str, _Source]
     return results, encoded
 
 
-def _read_file(path: Path) -> list[Conversation]:
+def _general(adapters: list[OpenedAdapter], sources_by_name: dict[str, _Source], options: EvalOptions,
+             say: Callable[[str], None]) -> tuple[list[forgetting.GeneralSet], list[DatasetResult], list[list]]:
+    """The general sets (shipped, or `--general FILE`), encoded with their first adapter's template and data
+    settings, as `--data` files are; none with `--no-general`."""
+    if options.no_general:
+        return [], [], []
+    if options.general is not None:
+        path = Path(options.general)
+        sets = [forgetting.file_set(path, _read_file(path, "--general"), adapters, options.general_rows)]
+    else:
+        sets = forgetting.default_sets(adapters, options.general_rows)
+    results, encoded = [], []
+    for g in sets:
+        result, samples = forgetting.first(*_prepare(g.name, g.source, None, g.conversations,
+                                                     sources_by_name[g.members[0]], None), options.general_rows)
+        g.notes += result.notes
+        for note in g.notes:
+            say(f"note: {g.name}: {note}")
+        results.append(result)
+        encoded.append(samples)
+    return sets, results, encoded
+
+
+def _read_file(path: Path, option: str) -> list[Conversation]:
     """Every usable conversation in a data file (any format lorachat trains on); bad rows are skipped,
     unless no row is usable, which is an error naming the first problem."""
     if not path.is_file():
-        raise DataError("data file not found", Where(path, None, "--data"))
+        raise DataError("data file not found", Where(path, None, option))
     problems: list[DataError] = []
     source = Source(path=str(path.resolve()), format="auto")
-    conversations = read_conversations(source, path.parent, SourceReport(str(path), str(path), "auto", True), problems)
+    try:
+        conversations = read_conversations(source, path.parent, SourceReport(str(path), str(path), "auto", True),
+                                           problems)
+    except DataError as err:  # the whole file unreadable (its type, its shape): say which option named it
+        raise DataError(err.reason, Where(path, err.where.line, option)) from None
     if conversations:
         return conversations
     if problems and all("no assistant turn" in p.reason for p in problems):

@@ -36,7 +36,16 @@ def bootstrap_mean(values: list[float], seed: int) -> Estimate:
 
 def bootstrap_ratio(numerators: list[float], denominators: list[float], seed: int) -> Estimate:
     """sum(num) / sum(den) with a CI from resampling samples: token-weighted loss is nll sum / token sum."""
-    num = np.asarray(numerators, dtype=np.float64)
+    return paired_delta(numerators, [0.0] * len(numerators), denominators, seed)
+
+
+def paired_delta(numerators: list[float], reference: list[float], denominators: list[float], seed: int) -> Estimate:
+    """sum(num) / sum(den) - sum(ref) / sum(den), both ratios over the same resampled samples.
+
+    Pairing is what makes a small change visible: two models scored on the same rows vary together with the
+    rows (a hard row is hard for both), so the interval of the difference is far narrower than either's.
+    """
+    num = np.asarray(numerators, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
     den = np.asarray(denominators, dtype=np.float64)
     if len(num) == 0:
         return Estimate(math.nan, math.nan, math.nan)

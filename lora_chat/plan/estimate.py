@@ -8,7 +8,7 @@ taken as `max_length` long. The plan says which.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,18 @@ from ..errors import LorachatError, Where
 from ..models import ResolvedBase, resolve_base
 from ..models.facts import read_config
 from ..recipe import LoadedRecipe, load_recipe
+from . import host
 from .gpus import GPUS, Gpu, find_gpu
-from .memory import AUTO_CHECKPOINTING_SHARE, GIB, LINEARS, Breakdown, Setup, Shape, auto_checkpointing, estimate
+from .memory import (AUTO_CHECKPOINTING_SHARE, GIB, HOST_OFFLOAD_SHARE, LINEARS, Breakdown, Setup, Shape,
+                     auto_checkpointing, estimate, host_offload_bytes)
 from .throughput import default_utilisation, tokens_per_second
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # A padded batch rounds its length up to this multiple (train/collate.py's Collator.multiple_of).
 PAD_MULTIPLE = 8
+# `--max-length` answers to this granularity, up to this many tokens.
+LENGTH_STEP = 64
+LONGEST_SEARCHED = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class Card:
     tokens_per_s: float
     hours: float
     checkpointing: bool
+    offload: bool = False
+    max_length: int | None = None  # with --max-length: the longest row that fits this card (0: none does)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,7 @@ class Plan:
     utilisation: float
     cards: list[Card]
     checkpointing_auto: bool  # the recipe left gradient checkpointing to `auto`, decided per card
+    host_bytes: int = 0  # free host memory offloaded checkpoints may use (this machine's, or --host-ram)
     suggestions: list[Suggestion] = field(default_factory=list)
 
     @property
@@ -85,24 +93,35 @@ class Plan:
         card = self.card
         return {
             "recipe": self.recipe, "base": self.base, "gpu": self.gpu.name, "gpu_memory_gib": self.gpu.memory_gib,
-            "peak_memory_gib": round(self.breakdown.total / GIB, 2), "fits": card.fits,
+            "peak_memory_gib": round(self.breakdown.total / GIB, 2),
+            "reserved_gib": round((self.breakdown.total - self.breakdown.cuda_context) / GIB, 2), "fits": card.fits,
+            "host_offload_gib": round(host_offload_bytes(self.shape, self.setup) / GIB, 2),
             "breakdown": self.breakdown.gib(), "tokens_per_s": round(card.tokens_per_s, 1),
             "hours": round(card.hours, 6), "steps": self.steps, "utilisation": self.utilisation,
             "tokens": self.data.tokens, "trained_tokens": self.data.trained, "lengths_from": self.data.source,
             "micro_batch": {"rows": self.setup.batch, "tokens_per_row": self.setup.seq_len},
-            "gradient_checkpointing": {"setting": "auto" if self.checkpointing_auto else self.setup.checkpointing,
-                                       "on": self.setup.checkpointing},
+            "gradient_checkpointing": {"setting": "auto" if self.checkpointing_auto else _mode(self.setup),
+                                       "on": self.setup.checkpointing, "offload": self.setup.offload},
             "suggestions": [{"change": s.change, "why": s.why, "peak_memory_gib": round(s.breakdown.total / GIB, 2),
                              "fits": s.fits, "hours": round(s.hours, 6)} for s in self.suggestions],
             "gpus": [{"name": c.gpu.name, "memory_gib": c.gpu.memory_gib, "fits": c.fits,
                       "tokens_per_s": round(c.tokens_per_s, 1), "hours": round(c.hours, 6),
-                      "gradient_checkpointing": c.checkpointing} for c in self.cards],
+                      "gradient_checkpointing": c.checkpointing, "offload": c.offload,
+                      **({"max_length": c.max_length} if c.max_length is not None else {})} for c in self.cards],
         }
 
 
+def _mode(setup: Setup) -> str | bool:
+    return "offload" if setup.offload else setup.checkpointing
+
+
 def make_plan(recipe_path: str | Path, overrides: list[str] = (), gpu: str | None = None,
-              chars_per_token: float = 4.0, utilisation: float | None = None) -> Plan:
-    """The plan for `recipe_path` on `gpu` (default: the smallest card it fits, else the largest)."""
+              chars_per_token: float = 4.0, utilisation: float | None = None, max_length: bool = False,
+              host_ram_gib: float | None = None) -> Plan:
+    """The plan for `recipe_path` on `gpu` (default: the smallest card it fits, else the largest).
+
+    `max_length` also finds, for each card, the longest row that fits; `host_ram_gib` is the free host memory
+    offloaded checkpoints may use (default: what this machine has available now)."""
     loaded = load_recipe(recipe_path, list(overrides))
     recipe = loaded.recipe
     chosen = find_gpu(gpu) if gpu else None
@@ -114,22 +133,50 @@ def make_plan(recipe_path: str | Path, overrides: list[str] = (), gpu: str | Non
     lengths = _lengths(loaded, base, chars_per_token)
     recipe_setup = setup_of(loaded, lengths)
     auto = recipe.training.gradient_checkpointing == "auto"
+    host_bytes = int(host_ram_gib * GIB) if host_ram_gib is not None else host.available_bytes()
 
-    def setup_on(card: Gpu) -> Setup:  # `auto` decides for each card as `lorachat finetune` would on it
-        return auto_checkpointing(shape, recipe_setup, card.memory_gib * GIB) if auto else recipe_setup
+    def setup_on(card: Gpu, setup: Setup = recipe_setup) -> Setup:  # `auto` decides per card as finetune would
+        return auto_checkpointing(shape, setup, card.memory_gib * GIB, host_bytes) if auto else setup
 
     steps = optimizer_steps(loaded, lengths)
     util = utilisation or default_utilisation(recipe_setup)
     cards = [_card(g, shape, setup_on(g), lengths, steps, loaded, util) for g in GPUS]
+    if max_length:
+        cards = [replace(c, max_length=longest_fitting(shape, recipe_setup, c.gpu, setup_on, host_bytes))
+                 for c in cards]
     if chosen is None:
         chosen = next((c.gpu for c in sorted(cards, key=lambda c: c.gpu.memory_gib) if c.fits), GPUS[-1])
     setup = setup_on(chosen)
     plan = Plan(recipe=str(loaded.path), base=f"{base.model_id} ({base.source})", shape=shape, setup=setup,
                 data=lengths, steps=steps, breakdown=estimate(shape, setup), gpu=chosen, utilisation=util,
-                cards=cards, checkpointing_auto=auto)
+                cards=cards, checkpointing_auto=auto, host_bytes=host_bytes)
     if not plan.card.fits:
-        plan.suggestions = suggestions(loaded, shape, setup, lengths, chosen, util)
+        plan.suggestions = suggestions(loaded, shape, setup, lengths, chosen, util, host_bytes)
     return plan
+
+
+def _fits(shape: Shape, setup: Setup, gpu: Gpu, host_bytes: int) -> bool:
+    return (estimate(shape, setup).total <= gpu.memory_gib * GIB
+            and host_offload_bytes(shape, setup) <= HOST_OFFLOAD_SHARE * host_bytes)
+
+
+def longest_fitting(shape: Shape, setup: Setup, gpu: Gpu, setup_on, host_bytes: int) -> int:
+    """The longest row (a multiple of LENGTH_STEP tokens) whose micro-batch fits `gpu`, each length with the
+    checkpointing `setup_on` picks for it; 0 when not even LENGTH_STEP tokens fit.
+
+    A longer row is a longer sample: attention spans it whole (unpacked) or its packed samples as before."""
+    def at(length: int) -> Setup:
+        span = min(setup.attention_span, length) if setup.packing else 0
+        return setup_on(gpu, setup.changed(seq_len=length, attention_span=span))
+
+    low, high = 0, LONGEST_SEARCHED // LENGTH_STEP  # in steps; memory grows with length, so bisect
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _fits(shape, at(mid * LENGTH_STEP), gpu, host_bytes):
+            low = mid
+        else:
+            high = mid - 1
+    return low * LENGTH_STEP
 
 
 def _lengths(loaded: LoadedRecipe, base: ResolvedBase, chars_per_token: float) -> DataLengths:
@@ -179,7 +226,7 @@ def setup_of(loaded: LoadedRecipe, lengths: DataLengths) -> Setup:
         targets=targets, variant=lora.variant, dropout=lora.dropout, optimizer=t.optimizer, batch=t.batch_size,
         # `auto` is decided against a device's memory (memory.auto_checkpointing); until then, on.
         seq_len=seq_len, trained_share=lengths.trained / max(lengths.tokens, 1),
-        checkpointing=t.gradient_checkpointing is not False,
+        checkpointing=t.gradient_checkpointing is not False, offload=t.gradient_checkpointing == "offload",
         packing=t.packing, attention="sdpa" if recipe.base.attn_implementation == "auto" else recipe.base.attn_implementation,
         kernels=t.kernels, attention_span=max(1, round(lengths.mean)) if t.packing else 0)
 
@@ -211,11 +258,11 @@ def _card(gpu: Gpu, shape: Shape, setup: Setup, lengths: DataLengths, steps: int
           util: float) -> Card:
     tps = tokens_per_second(shape, setup, gpu.bf16_tflops, util)
     fits = estimate(shape, setup).total <= gpu.memory_gib * GIB
-    return Card(gpu, fits, tps, _run_tokens(loaded, lengths, steps) / tps / 3600, setup.checkpointing)
+    return Card(gpu, fits, tps, _run_tokens(loaded, lengths, steps) / tps / 3600, setup.checkpointing, setup.offload)
 
 
 def suggestions(loaded: LoadedRecipe, shape: Shape, setup: Setup, lengths: DataLengths, gpu: Gpu,
-                util: float) -> list[Suggestion]:
+                util: float, host_bytes: int) -> list[Suggestion]:
     """Single changes that make the run fit, cheapest first (in run time, then in what they change);
     when none fits alone, the cheapest changes added one after another until it does."""
     t = loaded.recipe.training
@@ -224,6 +271,10 @@ def suggestions(loaded: LoadedRecipe, shape: Shape, setup: Setup, lengths: DataL
         candidates.append(("training.gradient_checkpointing=true",
                            "keeps one layer's activations instead of all; ~1.3x the compute",
                            setup.changed(checkpointing=True)))
+    if not setup.offload:
+        candidates.append(("training.gradient_checkpointing=offload",
+                           "checkpoints in pinned host memory; ~1.3x the compute, host-to-GPU copies",
+                           setup.changed(checkpointing=True, offload=True)))
     if setup.optimizer == "adamw":
         candidates.append(("training.optimizer=adamw_8bit", "Adam states in 8 bits (bitsandbytes)",
                            setup.changed(optimizer="adamw_8bit")))
@@ -250,7 +301,7 @@ def suggestions(loaded: LoadedRecipe, shape: Shape, setup: Setup, lengths: DataL
         c_util = util if candidate.quantization == setup.quantization else default_utilisation(candidate)
         tps = tokens_per_second(shape, candidate, gpu.bf16_tflops, c_util)
         hours = _run_tokens(loaded, lengths, optimizer_steps(loaded, lengths)) / tps / 3600
-        return Suggestion(change, why, bd, bd.total <= gpu.memory_gib * GIB, hours)
+        return Suggestion(change, why, bd, _fits(shape, candidate, gpu, host_bytes), hours)
 
     fitting: dict[str, Suggestion] = {}
     for change, why, candidate in candidates:
@@ -263,7 +314,7 @@ def suggestions(loaded: LoadedRecipe, shape: Shape, setup: Setup, lengths: DataL
         return sorted(fitting.values(), key=lambda s: (s.hours, s.breakdown.total))
     # Nothing fits alone: combine, strongest memory saver last, until it fits.
     combined, changes = setup, []
-    order = [("training.gradient_checkpointing=true", dict(checkpointing=True)),
+    order = [("training.gradient_checkpointing=offload", dict(checkpointing=True, offload=True)),
              ("training.optimizer=adamw_8bit", dict(optimizer="adamw_8bit") if setup.optimizer == "adamw" else {}),
              ("training.batch_size=1 training.grad_accum=" + str(t.grad_accum * setup.batch), dict(batch=1)),
              ("base.quantization=4bit", dict(quantization="4bit")),
@@ -278,6 +329,20 @@ def suggestions(loaded: LoadedRecipe, shape: Shape, setup: Setup, lengths: DataL
     return []
 
 
+def breakdown_table(breakdown: Breakdown, fits: bool, title: str) -> Any:
+    """The memory parts in GiB and their total, with whether it fits (a rich Table)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for part, gib in breakdown.gib().items():
+        table.add_row(part.replace("_", " "), f"{gib:.2f}")
+    verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
+    table.add_row(f"[bold]total[/] ({verdict})", f"[bold]{breakdown.total / GIB:.2f}[/]")
+    return table
+
+
 def print_plan(plan: Plan, console: Any) -> None:
     from rich.table import Table
 
@@ -286,22 +351,25 @@ def print_plan(plan: Plan, console: Any) -> None:
                   f"{plan.gpu.bf16_tflops:g} bf16 TFLOP/s); base {plan.base}")
     console.print(f"data: {d.samples:,} samples, {d.tokens:,} tokens ({d.trained:,} trained), longest {d.longest:,}: "
                   f"{d.source}")
-    checkpointing = "gradient checkpointing" if s.checkpointing else "no gradient checkpointing"
+    checkpointing = ("gradient checkpointing offloaded to host memory" if s.offload else
+                     "gradient checkpointing" if s.checkpointing else "no gradient checkpointing")
     if plan.checkpointing_auto:
         share = f"{AUTO_CHECKPOINTING_SHARE['cuda']:.0%}"
-        checkpointing += (f" (auto: the run without it needs more than {share} of the card)" if s.checkpointing
+        checkpointing += (f" (auto: only this fits in {share} of the card)" if s.offload else
+                          f" (auto: the run without it needs more than {share} of the card)" if s.checkpointing
                           else f" (auto: fits in {share} of the card without it)")
     console.print(f"micro-batch: {s.batch} x {s.seq_len} tokens, {'packed, ' if s.packing else ''}"
                   f"{checkpointing}, {s.quantization} base, r={s.rank} "
                   f"{s.variant} on {len(s.targets)} linears, {s.optimizer}, attention {s.attention}, kernels {s.kernels}")
-    table = Table(title="peak GPU memory", title_justify="left")
-    table.add_column("part")
-    table.add_column("GiB", justify="right")
-    for part, gib in plan.breakdown.gib().items():
-        table.add_row(part.replace("_", " "), f"{gib:.2f}")
-    verdict = "[green]fits[/]" if card.fits else "[red]does not fit[/]"
-    table.add_row(f"[bold]total[/] ({verdict})", f"[bold]{plan.breakdown.total / GIB:.2f}[/]")
+    table = breakdown_table(plan.breakdown, card.fits, "peak GPU memory")
+    if plan.breakdown.cuda_context:  # what torch.cuda.max_memory_reserved reports, as trainers publish it
+        table.add_row("reserved by PyTorch (total - context)",
+                      f"{(plan.breakdown.total - plan.breakdown.cuda_context) / GIB:.2f}")
     console.print(table)
+    offloaded = host_offload_bytes(plan.shape, s)
+    if offloaded:
+        console.print(f"host: {offloaded / GIB:.2f} GiB of pinned memory for the offloaded checkpoints "
+                      f"({plan.host_bytes / GIB:.1f} GiB available, at most {HOST_OFFLOAD_SHARE:.0%} pinned)")
     console.print(f"time: {plan.steps:,} optimizer steps, ~{card.tokens_per_s:,.0f} tokens/s at "
                   f"{plan.utilisation:.0%} of peak = {_duration(card.hours)}")
     if plan.suggestions:
@@ -313,13 +381,20 @@ def print_plan(plan: Plan, console: Any) -> None:
         console.print(fixes)
     elif not card.fits:
         console.print("[red]no change lorachat knows makes it fit this card; try a larger one[/]")
+    lengths = any(c.max_length is not None for c in plan.cards)
     cards = Table(title="other cards", title_justify="left")
-    for col in ("GPU", "GiB", "fits", "checkpointing", "tokens/s", "time"):
+    for col in ("GPU", "GiB", "fits", "checkpointing", "tokens/s", "time") + (("longest row",) if lengths else ()):
         cards.add_column(col, justify="left" if col == "GPU" else "right")
     for c in plan.cards:
-        cards.add_row(c.gpu.name, f"{c.gpu.memory_gib:g}", "yes" if c.fits else "no", "on" if c.checkpointing else "off",
-                      f"{c.tokens_per_s:,.0f}", _duration(c.hours))
+        mode = "offload" if c.offload else "on" if c.checkpointing else "off"
+        longest = (f"{c.max_length:,}" if c.max_length else "none fits",) if lengths else ()
+        cards.add_row(c.gpu.name, f"{c.gpu.memory_gib:g}", "yes" if c.fits else "no", mode,
+                      f"{c.tokens_per_s:,.0f}", _duration(c.hours), *longest)
     console.print(cards)
+    if lengths:
+        console.print(f"longest row: tokens per row at {s.batch} row(s) per micro-batch, the checkpointing that fits "
+                      f"each length{' (auto)' if plan.checkpointing_auto else ''}, offloaded checkpoints within "
+                      f"{HOST_OFFLOAD_SHARE:.0%} of {plan.host_bytes / GIB:.1f} GiB of host memory")
 
 
 def _duration(hours: float) -> str:

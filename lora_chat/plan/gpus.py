@@ -23,6 +23,12 @@ class Gpu:
 
 
 GPUS: tuple[Gpu, ...] = (
+    # The consumer cards people train on first: 8, 12 and 16 GB.
+    Gpu("RTX 4060", 8.0, 30.2, "NVIDIA Ada Lovelace GeForce specifications (AD107)"),
+    Gpu("RTX 3060", 12.0, 25.6, "NVIDIA Ampere GA10x specifications (GA106, half the fp16-accumulate rate)"),
+    Gpu("RTX 4070", 12.0, 58.3, "NVIDIA Ada Lovelace GeForce specifications (AD104)"),
+    Gpu("RTX 4060 Ti 16GB", 16.0, 44.1, "NVIDIA Ada Lovelace GeForce specifications (AD106)"),
+    Gpu("RTX 4080", 16.0, 97.5, "NVIDIA Ada Lovelace whitepaper, table 2"),
     Gpu("RTX 3090", 24.0, 71.0, "NVIDIA Ampere GA102 whitepaper, table 9"),
     Gpu("RTX 4090", 24.0, 165.2, "NVIDIA Ada Lovelace whitepaper, table 2"),
     Gpu("RTX 5090", 31.8, 209.5, "NVIDIA Blackwell RTX whitepaper, table 1"),

@@ -19,12 +19,27 @@ ADAPTER_BYTES = 4  # PEFT keeps LoRA weights in fp32 (autocast_adapter_dtype) wh
 # in 8 bits with one fp32 scale per 256 blocks (QLoRA paper, section 3): 0.5 + 1/64 + 4/(64*256) bytes a weight.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 INT8_BYTES = 1.0  # LLM.int8: int8 weights plus one fp32 scale per output row (added per module below)
-# lorachat's loss (train/loss.py) projects trained positions onto the vocabulary this many rows at a time.
-LOSS_CHUNK_ROWS = 1024
+# lorachat's loss (train/loss.py) projects trained positions onto the vocabulary a chunk of rows at a time, as many
+# rows (a power of two) as keep one chunk's logits within this many values (2**23 fp32 = 32 MiB): 256 rows at a 32k
+# vocabulary, 128 at 49k (SmolLM2), 64 at 128k (Llama 3). Each chunk is still a matmul of at least 64 x vocab x
+# hidden (SmolLM2: 3.6 GFLOP), so smaller chunks cost no measurable speed (bench_loss's loss_step_ms).
+LOSS_CHUNK_ELEMENTS = 2**23
+LOSS_CHUNK_MAX_ROWS = 1024
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS/cuDNN workspaces with lazy module loading (CUDA >= 11.7)
-ALLOCATOR_SLACK = 0.08  # caching allocator: reserved over allocated for training loops (block rounding, fragmentation)
+# Caching allocator: reserved over allocated for what a training loop allocates and frees (block rounding,
+# fragmentation). Weights are allocated once, at load, in blocks of their own size, so they add no slack.
+ALLOCATOR_SLACK = 0.08
+# TRL's activation offloading (trl.models.activation_offloading, which `gradient_checkpointing: offload` turns on)
+# keeps up to this many offloaded tensors on the GPU while their copy to the host is in flight (max_fwd_stash_size).
+OFFLOAD_STASH = 5
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def loss_chunk_rows(vocab: int) -> int:
+    """Rows of logits lorachat's loss projects at a time for a vocabulary of `vocab` (a power of two)."""
+    rows = max(LOSS_CHUNK_ELEMENTS // max(vocab, 1), 1)
+    return min(1 << (rows.bit_length() - 1), LOSS_CHUNK_MAX_ROWS)
 
 
 @dataclass(frozen=True)
@@ -108,14 +123,18 @@ class Setup:
     trained_share: float  # share of positions with a target: lorachat projects only those onto the vocabulary
     checkpointing: bool
     packing: bool
+    offload: bool = False  # checkpointing's saved layer inputs kept in (pinned) host memory, not on the device
     attention: str = "sdpa"  # sdpa | flash_attention_2 | eager
     kernels: str = "none"  # none | liger
     device: str = "cuda"  # cuda | cpu
-    loss_chunk: int | None = LOSS_CHUNK_ROWS  # rows of logits at a time; None = all at once (TRL, torchtune)
+    loss_chunk: int | None = 0  # rows of logits at a time; 0 = lorachat's (loss_chunk_rows); None = all at once
     attention_span: int = 0  # mean tokens a token attends over in a row (packed: its sample); 0 = seq_len
     # How other trainers differ, for checking the model against their published runs (docs/plan.md):
     adapter_bytes: int = ADAPTER_BYTES  # torchtune keeps LoRA weights in the model's dtype
-    kbit_upcast: bool = True  # peft's prepare_model_for_kbit_training upcasts unquantized weights to fp32
+    # lorachat runs LoRA's matmuls in the compute dtype (fp32 master weights cast per step, as Unsloth and autocast
+    # do); PEFT casts each LoRA input to the adapter's fp32 and so keeps an fp32 copy of it for backward.
+    lora_in_compute_dtype: bool = True
+    kbit_upcast: bool = False  # peft's prepare_model_for_kbit_training upcasts unquantized weights to fp32
     logit_copies: int = 0  # extra fp32 copies of the logits (transformers < 4.45 made a shifted contiguous one)
 
     @property
@@ -139,7 +158,8 @@ def weight_bytes(shape: Shape, setup: Setup) -> int:
     """Linear layers in nf4 / int8 / the compute dtype; embeddings, head and norms stay unquantized.
 
     peft's prepare_model_for_kbit_training (run before LoRA on a quantized base) casts every parameter that is
-    not quantized to fp32, so a QLoRA run holds its embeddings and LM head in fp32.
+    not quantized to fp32, so a QLoRA run through it holds its embeddings and LM head in fp32; lorachat's own
+    preparation (train/quantized.py) keeps them in the compute dtype (`kbit_upcast` False).
     """
     linear = shape.layers * shape.layer_linear_params()
     norms = shape.layers * 2 * shape.hidden + shape.hidden
@@ -165,9 +185,15 @@ def optimizer_bytes(shape: Shape, setup: Setup, params: int) -> int:
     return 0  # plain SGD, as transformers sets it up: no momentum
 
 
+def lora_activation_bytes(setup: Setup) -> int:
+    """Bytes an element of what LoRA's matmuls keep (their input, A's output) and of the gradients they pass on."""
+    return setup.compute_bytes if setup.lora_in_compute_dtype else max(setup.adapter_bytes, setup.compute_bytes)
+
+
 def layer_activation_bytes(shape: Shape, setup: Setup) -> float:
     """Bytes one decoder layer keeps for backward, per token (no gradient checkpointing)."""
-    d, a, r = setup.compute_bytes, setup.adapter_bytes, setup.rank
+    d, r = setup.compute_bytes, setup.rank
+    a = lora_activation_bytes(setup)
     h, i, q = shape.hidden, shape.intermediate * shape.active_experts, shape.heads * shape.head_dim
     kv = shape.kv_heads * shape.head_dim
     liger = setup.kernels == "liger"
@@ -235,10 +261,14 @@ def activation_bytes(shape: Shape, setup: Setup) -> tuple[int, int]:
     """(saved for backward at the end of forward, what a layer's backward adds at its peak) for a micro-batch."""
     d, h, tokens = setup.compute_bytes, shape.hidden, setup.tokens
     per_layer = layer_activation_bytes(shape, setup)
-    # With checkpointing only each layer's input is kept, and backward recomputes one layer at a time.
-    saved = shape.layers * (d * h if setup.checkpointing else per_layer) + 4 * h  # + the final norm's fp32 copy
-    # Backward's working set: the incoming gradient and the one being produced at the widest point (the MLP).
-    working = 2 * 4 * shape.intermediate * shape.active_experts + 2 * 4 * h
+    # With checkpointing only each layer's input is kept, and backward recomputes one layer at a time; offloaded,
+    # those inputs live in host memory and only the copies in flight stay on the device.
+    kept_inputs = min(OFFLOAD_STASH, shape.layers) if setup.offload else shape.layers
+    saved = (kept_inputs * d * h if setup.checkpointing else shape.layers * per_layer) + 4 * h  # + final norm's fp32
+    # Backward's working set: the incoming gradient and the one being produced at the widest point (the MLP), in
+    # the dtype LoRA passes its gradients on in.
+    g = lora_activation_bytes(setup)
+    working = 2 * g * shape.intermediate * shape.active_experts + 2 * g * h
     mask = 0
     if setup.packing and setup.attention in ("sdpa", "eager"):
         mask = setup.batch * setup.seq_len**2 * (1 if setup.attention == "sdpa" else d)  # block-diagonal mask
@@ -259,7 +289,15 @@ def logits_bytes(shape: Shape, setup: Setup) -> int:
     rows = math.ceil(setup.tokens * setup.trained_share)
     if setup.loss_chunk is None:
         return int(rows * v * (d + (4 if d != 4 else 0) + 4 + 4 + 4 * setup.logit_copies))
-    return int(min(rows, setup.loss_chunk) * v * (4 + (2 * d if d != 4 else 0)) + rows * h * d)
+    chunk = setup.loss_chunk or loss_chunk_rows(v)
+    return int(min(rows, chunk) * v * (4 + (2 * d if d != 4 else 0)) + rows * h * d)
+
+
+def host_offload_bytes(shape: Shape, setup: Setup) -> int:
+    """Pinned host memory `gradient_checkpointing: offload` needs: every layer's saved input of a micro-batch."""
+    if not (setup.offload and setup.checkpointing):
+        return 0
+    return int(setup.tokens * shape.layers * setup.compute_bytes * shape.hidden)
 
 
 # `gradient_checkpointing: auto` turns it off when the run without it needs at most this share of the device's
@@ -267,13 +305,24 @@ def logits_bytes(shape: Shape, setup: Setup) -> int:
 # estimate's error (within 25% of measured runs, docs/plan.md). On a CPU the RSS can be twice the tensors (glibc's
 # heap fragments, docs/plan.md), and the RAM is shared with everything else the machine runs.
 AUTO_CHECKPOINTING_SHARE = {"cuda": 0.8, "cpu": 0.25}
+# Offloaded checkpoints are pinned (page-locked) host memory, which the OS cannot swap or reclaim: at most this share
+# of the host's available memory (TRL's offloading warns past 60% of it in use).
+HOST_OFFLOAD_SHARE = 0.5
 
 
-def auto_checkpointing(shape: Shape, setup: Setup, memory_bytes: float) -> Setup:
-    """`setup` with checkpointing off if the run fits `memory_bytes` without it (the faster run), else on."""
-    without = setup.changed(checkpointing=False)
-    fits = estimate(shape, without).total <= AUTO_CHECKPOINTING_SHARE[setup.device] * memory_bytes
-    return without if fits else setup.changed(checkpointing=True)
+def auto_checkpointing(shape: Shape, setup: Setup, memory_bytes: float, host_bytes: float = 0) -> Setup:
+    """The fastest way the run fits `memory_bytes` with headroom: without checkpointing, with it, or with its saved
+    inputs offloaded to the host (GPU only, when `host_bytes` of free host memory can hold them pinned). When none
+    fits with headroom, the leanest of them: the run's best chance, and what `plan --max-length` counts on."""
+    limit = AUTO_CHECKPOINTING_SHARE[setup.device] * memory_bytes
+    candidates = [setup.changed(checkpointing=False, offload=False), setup.changed(checkpointing=True, offload=False)]
+    offloaded = setup.changed(checkpointing=True, offload=True)
+    if setup.device == "cuda" and host_offload_bytes(shape, offloaded) <= HOST_OFFLOAD_SHARE * host_bytes:
+        candidates.append(offloaded)
+    for candidate in candidates:
+        if estimate(shape, candidate).total <= limit:
+            return candidate
+    return candidates[-1]
 
 
 def estimate(shape: Shape, setup: Setup) -> Breakdown:
@@ -291,4 +340,4 @@ def estimate(shape: Shape, setup: Setup) -> Breakdown:
                       logits=logits_bytes(shape, setup), backward=backward, cuda_context=0, allocator=0)
     if setup.device != "cuda":
         return parts
-    return replace(parts, cuda_context=int(CUDA_CONTEXT), allocator=int(ALLOCATOR_SLACK * parts.total))
+    return replace(parts, cuda_context=int(CUDA_CONTEXT), allocator=int(ALLOCATOR_SLACK * (parts.total - weights)))

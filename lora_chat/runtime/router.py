@@ -9,6 +9,7 @@ Language. py3langid (a maintained fork of langid.py; its model ships in the whee
 works offline and loads no pickle) scores the message over the 97 languages it knows. Short everyday
 messages are where detectors fail: on 3-8 word chatterbot-corpus lines it picked the right language
 93.8% of the time among all languages and 97.7% among eight (docs/routing.md compares four libraries).
+The identifier lives in `data/hygiene/language.py`: `validate` checks each data row's language with the same one.
 So the router asks only "which of the adapters' languages is this?": the candidates' share of the
 identifier's probability mass, renormalised, is the language score. Two guards fall back to the base:
   - `language_floor`: when the candidates together hold less than this share of the mass the message is
@@ -31,39 +32,18 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..adapters.domain import DomainProfile, features
+from ..data.hygiene.language import LANGUAGE_FLOOR, candidate_shares, known_languages, language_code
 from ..errors import LorachatError, Where
 
 log = logging.getLogger("lora_chat.route")
 
-LANGUAGE_FLOOR = 0.05
 MIN_LANGUAGE_SCORE = 0.3
 SMOOTHING = 1.0  # Laplace smoothing of the counts: 94%/99% right (sv/en) on the domain measurement, 0.1 gave 93%/94%
-
-_identifier: Any = None
-_identifier_lock = threading.Lock()
-
-
-def identifier() -> Any:
-    """py3langid's identifier over all its languages, loaded once per process (~1.5 s; read-only after)."""
-    global _identifier
-    with _identifier_lock:
-        if _identifier is None:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-            _identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    return _identifier
-
-
-def language_code(language: str) -> str:
-    """`en`, `en-US`, `sv_SE` -> the ISO 639-1 code py3langid uses."""
-    return language.strip().lower().replace("_", "-").split("-")[0]
-
 
 @dataclass(frozen=True)
 class RouteTarget:
@@ -100,7 +80,7 @@ class Router:
 
     def __init__(self, targets: Sequence[RouteTarget], *, language_floor: float = LANGUAGE_FLOOR,
                  min_language_score: float = MIN_LANGUAGE_SCORE):
-        known = set(identifier().nb_classes)
+        known = known_languages()
         self.notes: list[str] = []
         self.targets: list[RouteTarget] = []
         for t in targets:
@@ -132,15 +112,13 @@ class Router:
         return decision
 
     def _decide(self, text: str) -> Decision:
-        scores = dict(identifier().rank(text))
-        mass = sum(scores.get(code, 0.0) for code in self.languages)
+        shares, mass, top = candidate_shares(text, self.languages)
         if mass < self.language_floor:
-            top = max(scores, key=scores.get)
             return Decision(None, f"none of the adapters' languages ({', '.join(self.languages)}) fits: "
                                   f"their share {mass:.3f} < floor {self.language_floor}; looks like {top}",
                             language=top)
-        language = max(self.languages, key=lambda code: scores.get(code, 0.0))
-        score = scores.get(language, 0.0) / mass
+        language = max(self.languages, key=shares.__getitem__)
+        score = shares[language]
         if score < self.min_language_score:
             return Decision(None, f"unsure of the language: {language} at {score:.3f} < {self.min_language_score}",
                             language, score)

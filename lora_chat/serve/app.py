@@ -5,6 +5,9 @@
          -d '{"model": "auto", "messages": [{"role": "user", "content": "Vad är bygglov?"}]}'
 
 The port is bound before the model loads, so a port in use fails in a second, not after the weights.
+SIGTERM or SIGINT drains (`shutdown`): new completion requests get 503 with Retry-After, running ones finish
+within `drain_timeout`, what is still open then ends with an error (an error event on a stream), exit 0.
+Operators' routes: /health (the process answers), /ready (loaded and not draining), /metrics (`metrics`).
 """
 
 from __future__ import annotations
@@ -28,9 +31,13 @@ from starlette.exceptions import HTTPException
 
 from ..errors import LorachatError, Where
 from .api_router import router
-from .batcher import Batcher
+from .batcher import Batcher, Continuous
+from .feedback_router import router as feedback_router
+from .metrics import ServeMetrics
 from .protocol import ErrorInfo, ErrorResponse
-from .serving import ServeError, ServingChat, ServingCompletion, ServingModels
+from .recording import Recording
+from .serving import SHUTTING_DOWN, ServeError, ServingChat, ServingCompletion, ServingModels
+from .shutdown import DrainingServer, Stopping, drain, force_exit
 
 STATIC = Path(__file__).parent / "static"  # a web page, when one is installed there, served at /
 
@@ -42,26 +49,66 @@ class ServeOptions:
     api_key: str | None = None
     max_batch: int = 8
     allow_runtime_loading: bool = False
+    max_queue: int = 256  # requests waiting beyond the running rows; more get 429
+    request_timeout: float | None = 600.0  # seconds a request may take, queueing included; None: no limit
+    drain_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
+    chunk_tokens: int = 128  # prompt tokens prefilled per decode step (continuous batching)
+    scheduler: str = "continuous"  # or "static": the gather-then-run batcher, kept as the benchmarks' baseline
+    record: Path | None = None  # --record DIR: store each exchange and its feedback there
+
+    def __post_init__(self) -> None:
+        check_limits(self.max_queue, self.request_timeout, self.drain_timeout)
+
+
+def check_limits(max_queue: int, request_timeout: float | None, drain_timeout: float) -> None:
+    """The admission and shutdown flags, each refused in one line (exit 2) before anything loads."""
+    if max_queue < 1:
+        raise LorachatError(f"must be at least 1, not {max_queue} (requests beyond it get 429)",
+                            Where(field="--max-queue"))
+    if request_timeout is not None and request_timeout <= 0:
+        raise LorachatError(f"must be more than 0 seconds, not {request_timeout:g}", Where(field="--request-timeout"))
+    if drain_timeout < 0:
+        raise LorachatError(f"must be 0 seconds or more, not {drain_timeout:g}", Where(field="--drain-timeout"))
 
 
 def build_app(rt: Any, options: ServeOptions) -> FastAPI:
     """The app for a loaded `runtime.AdapterSet`; its batcher runs while the app does (lifespan)."""
-    batcher = Batcher(rt, max_batch=options.max_batch)
+    batcher: Batcher | Continuous
+    if options.scheduler == "static":
+        batcher = Batcher(rt, max_batch=options.max_batch, timeout=options.request_timeout)
+        metrics = ServeMetrics(queue_depth=lambda: batcher._queue.qsize(), running=lambda: 0)
+    else:
+        metrics = ServeMetrics(queue_depth=lambda: batcher.scheduler.waiting, running=lambda: batcher.scheduler.running)
+
+        def observe(job, completion) -> None:
+            ticket = job.ticket
+            metrics.finished(job.request.model, completion, ticket.submitted, ticket.first_token, ticket.finished)
+
+        batcher = Continuous(rt, max_batch=options.max_batch, max_queue=options.max_queue,
+                             chunk_tokens=options.chunk_tokens, timeout=options.request_timeout,
+                             on_step=metrics.batch_size.observe, observe=observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
         yield
         batcher.stop()
+        if app.state.recording:
+            app.state.recording.close()
 
     app = FastAPI(title="lorachat", lifespan=lifespan, docs_url=None, redoc_url=None)
     models = ServingModels(rt, allow_runtime_loading=options.allow_runtime_loading)
     app.state.models = models
     app.state.batcher = batcher
-    app.state.chat = ServingChat(models, batcher)
+    app.state.metrics = metrics
+    app.state.draining = False  # set by the drain on SIGTERM: /ready says 503, completion requests get 503
+    app.state.recording = Recording(options.record, models) if options.record else None
+    app.state.chat = ServingChat(models, batcher, recorder=app.state.recording)
     app.state.completion = ServingCompletion(models, batcher)
     app.include_router(router)
+    app.include_router(feedback_router)
     _add_error_handlers(app)
+    _refuse_while_draining(app)
     if options.api_key:
         _require_key(app, options.api_key)
     if STATIC.is_dir():
@@ -80,7 +127,7 @@ def _error(status: int, message: str, *, type: str = "invalid_request_error", pa
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(_: Request, err: ServeError) -> JSONResponse:
-        return JSONResponse(err.response.model_dump(), status_code=err.status)
+        return JSONResponse(err.response.model_dump(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -103,6 +150,15 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def crash(_: Request, err: Exception) -> JSONResponse:
         logging.getLogger("lora_chat.serve").exception("request failed")
         return _error(500, f"{type(err).__name__}: {err}", type="server_error")
+
+
+def _refuse_while_draining(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def draining(request: Request, call_next: Callable):
+        if app.state.draining and request.method == "POST" and request.url.path.startswith("/v1"):
+            return _error(503, "the server is shutting down; retry shortly", type="server_error",
+                          code="shutting_down", headers=SHUTTING_DOWN)
+        return await call_next(request)
 
 
 def _require_key(app: FastAPI, key: str) -> None:
@@ -152,10 +208,26 @@ def serve(adapters: Sequence[str], options: ServeOptions, *, base: str | None = 
             say(f"note: {note}")
         host = f"[{options.host}]" if ":" in options.host else options.host
         say(f"serving {', '.join(app.state.models.names())} on http://{host}:{options.port}/v1")
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+        server = DrainingServer(config, stopping(app, options.drain_timeout, lambda: server, say))
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def stopping(app: FastAPI, drain_timeout: float, server: Callable[[], Any], say: Callable[[str], None]) -> Stopping:
+    """SIGTERM/SIGINT for lorachat's engine: drain the app's scheduler, then let uvicorn end; twice: at once."""
+    batcher = app.state.batcher
+
+    def begin() -> None:
+        app.state.draining = True
+
+    def finish() -> None:
+        server().should_exit = True
+
+    return Stopping(on_first=lambda: drain(begin=begin, idle=batcher.idle, abort=batcher.scheduler.abort,
+                                           finish=finish, timeout=drain_timeout, say=say),
+                    on_again=lambda: force_exit(server())())
 
 
 class BackgroundServer:

@@ -11,6 +11,10 @@ one (the runtime's decode loop runs a batch to its end; it has no slot to join m
 
 A request whose client went away is cancelled: still queued, it is dropped; running, the runtime ends its
 row at the next token (`finish_reason` "cancelled"), so its slot and its compute are freed.
+
+`Continuous` is what serve runs: the same `Job`s handed to `runtime.scheduler.Scheduler`, where a request joins
+the running batch at the next decode step. `Batcher` (gather, then run the batch to its end) stays as the
+baseline `bench/bench_serve.py` measures it against (`ServeOptions(scheduler="static")`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..runtime import Completion, Delta, Request, generate
+from ..runtime.scheduler import Scheduler, Ticket
 
 log = logging.getLogger("lora_chat.serve")
 
@@ -36,6 +41,12 @@ class Job:
     request: Request
     loop: asyncio.AbstractEventLoop
     results: asyncio.Queue = field(default_factory=asyncio.Queue)
+    timeout: float | None = None  # seconds the request may take (--request-timeout); None: no limit
+    ticket: Ticket | None = None  # under `Continuous`: when its first token came (metrics)
+    deadline: float | None = field(init=False)  # on the loop's clock, from the moment of submit
+
+    def __post_init__(self) -> None:
+        self.deadline = None if self.timeout is None else self.loop.time() + self.timeout
 
     def post(self, item: Delta | Completion | BaseException) -> None:
         """From the worker thread: hand `item` to the handler waiting on the event loop."""
@@ -51,8 +62,9 @@ class Job:
 class Batcher:
     """Runs submitted requests in mixed-adapter batches on one worker thread."""
 
-    def __init__(self, rt: Any, max_batch: int = 8, gather_s: float = 0.005):
+    def __init__(self, rt: Any, max_batch: int = 8, gather_s: float = 0.005, timeout: float | None = None):
         self.rt = rt
+        self.timeout = timeout
         self.max_batch = max_batch
         self.gather_s = gather_s
         self.finished: Counter[str] = Counter()  # finish reasons of the rows run so far
@@ -71,7 +83,7 @@ class Batcher:
         """Queue `request` (its `cancelled` event is created if missing); call from the event loop."""
         if request.cancelled is None:
             request.cancelled = threading.Event()
-        job = Job(request, asyncio.get_running_loop())
+        job = Job(request, asyncio.get_running_loop(), timeout=self.timeout)
         self._queue.put(job)
         return job
 
@@ -117,3 +129,39 @@ class Batcher:
         for job, completion in zip(batch, completions):
             self.finished[completion.finish_reason] += 1
             job.post(completion)
+
+
+class Continuous:
+    """`Job`s on the runtime's iteration-level scheduler (continuous batching); the interface of `Batcher`.
+
+    `observe(job, completion)` runs on the worker thread when a request ends (metrics); `submit` raises
+    `runtime.scheduler.QueueFull` beyond `max_queue` waiting requests.
+    """
+
+    def __init__(self, rt: Any, max_batch: int = 8, max_queue: int = 256, chunk_tokens: int = 128,
+                 timeout: float | None = None, on_step: Any = None, observe: Any = None):
+        self.scheduler = Scheduler(rt, max_running=max_batch, max_queue=max_queue, chunk_tokens=chunk_tokens,
+                                   on_step=on_step)
+        self.finished, self.batch_sizes = self.scheduler.finished, self.scheduler.batch_sizes
+        self.timeout = timeout
+        self.observe = observe
+
+    def idle(self) -> bool:
+        return self.scheduler.idle()
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    def submit(self, request: Request) -> Job:
+        job = Job(request, asyncio.get_running_loop(), timeout=self.timeout)
+
+        def done(item: Completion | BaseException) -> None:
+            if self.observe is not None and isinstance(item, Completion):
+                self.observe(job, item)
+            job.post(item)
+
+        job.ticket = self.scheduler.submit(request, job.post, done)
+        return job

@@ -257,3 +257,46 @@ class CompletionStreamResponse(OpenAIBaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+
+
+# ---------------------------------------------------------------- feedback (lorachat's own, with --record)
+
+
+class FeedbackRequest(OpenAIBaseModel):
+    """POST /v1/feedback: a rating, an edit, or a side-by-side verdict on a response this server gave (its id is
+    the `id` of the chat completion, streamed or not)."""
+
+    response_id: str = Field(min_length=1)
+    model: str | None = None  # who answered, as the client knows it; checked against the record when given
+    rating: Literal["up", "down", "none"] | None = None  # "none" takes an earlier rating back
+    edit: str | None = None  # what the reply should have said
+    other_response_id: str | None = None  # the other reply to the same prompt, for `winner`
+    winner: Literal["a", "b", "tie"] | None = None  # a: response_id's reply is better, b: other_response_id's
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> FeedbackRequest:
+        if self.rating is None and self.edit is None and self.winner is None:
+            raise ValueError("give a rating (up, down, none), an edit, or a winner with other_response_id")
+        if (self.winner is None) != (self.other_response_id is None):
+            raise ValueError("winner and other_response_id go together: which of the two replies is better")
+        if self.edit is not None and not self.edit.strip():
+            raise ValueError("the edit is empty: write what the reply should have said")
+        if self.other_response_id == self.response_id:
+            raise ValueError("a reply cannot be compared with itself")
+        return self
+
+
+class FeedbackResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    response_id: str
+    model: str
+
+
+class RecordingStatus(OpenAIBaseModel):
+    """GET /v1/feedback: whether this server records exchanges (the page shows a badge when it does)."""
+
+    object: Literal["recording"] = "recording"
+    recording: bool
+    server: str | None = None

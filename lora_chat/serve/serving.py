@@ -8,6 +8,7 @@ status and OpenAI's error fields; `api_router` turns them into `ErrorResponse` J
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
 import time
@@ -22,6 +23,7 @@ from ..errors import LorachatError
 from ..files import read_json_object
 from ..runtime import BASE, Completion, Delta, Request, Sampling
 from ..runtime.router import Decision, Router
+from ..runtime.scheduler import Aborted, QueueFull
 from .batcher import Batcher, Job
 from .protocol import (DEFAULT_MAX_TOKENS, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatResponseMessage, CompletionChoice, CompletionRequest,
@@ -36,9 +38,10 @@ class ServeError(Exception):
     """A request the server refuses or could not answer, as OpenAI reports it."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers  # e.g. Retry-After on a 429 or 503
         self.response = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
 
 
@@ -146,6 +149,50 @@ class _Prompts:
                              code="context_length_exceeded")
         return ids
 
+    def check_room(self, prompts: list[list[int]], max_tokens: int | None) -> None:
+        """A `max_tokens` the context cannot hold with the longest prompt is a 400 naming the limit (as vLLM)."""
+        if self.context is None or max_tokens is None:
+            return
+        longest = max(len(ids) for ids in prompts)
+        if longest + max_tokens > self.context:
+            raise ServeError(400, f"This model's maximum context length is {self.context} tokens; max_tokens "
+                                  f"{max_tokens} with a prompt of {longest} tokens asks for {longest + max_tokens}: "
+                                  f"use max_tokens <= {self.context - longest}", param="max_tokens",
+                             code="context_length_exceeded")
+
+
+def submit(batcher: Any, request: Request) -> Job:
+    """`request` handed to the batcher; a full queue is a 429 with Retry-After (before any byte of a stream)."""
+    try:
+        return batcher.submit(request)
+    except QueueFull as full:
+        raise ServeError(429, f"The server is busy: {full}", type="rate_limit_error", code="queue_full",
+                         headers={"Retry-After": str(full.retry_after)}) from None
+
+
+SHUTTING_DOWN = {"Retry-After": "5"}  # a restart under a process manager takes seconds
+
+
+async def _next(job: Job) -> Delta | Completion | BaseException:
+    """The job's next result; past its deadline (--request-timeout) the job is cancelled and this is a 504."""
+    if job.deadline is None:
+        return await job.results.get()
+    try:
+        return await asyncio.wait_for(job.results.get(), job.deadline - job.loop.time())
+    except TimeoutError:
+        job.cancel()
+        raise ServeError(504, "the request took longer than the server's --request-timeout of "
+                              f"{job.timeout:g} s", type="timeout_error", code="timeout") from None
+
+
+def _failed(item: BaseException) -> ServeError:
+    if isinstance(item, ServeError):
+        return item
+    if isinstance(item, Aborted):
+        return ServeError(503, f"the server is shutting down: {item}", type="server_error", code="shutting_down",
+                          headers=SHUTTING_DOWN)
+    return ServeError(500, f"{type(item).__name__}: {item}", type="server_error")
+
 
 def sampling(request: SamplingFields) -> Sampling:
     return Sampling(max_tokens=request.max_tokens or DEFAULT_MAX_TOKENS, temperature=request.temperature,
@@ -161,8 +208,7 @@ def _sse(model: Any) -> str:
 
 
 def _sse_error(err: BaseException) -> str:
-    info = ErrorInfo(message=f"{type(err).__name__}: {err}", type="server_error")
-    return f"data: {ErrorResponse(error=info).model_dump_json()}\n\n"
+    return f"data: {_failed(err).response.model_dump_json()}\n\n"
 
 
 DONE = "data: [DONE]\n\n"
@@ -171,17 +217,18 @@ DONE = "data: [DONE]\n\n"
 async def _wait(job: Job) -> Completion:
     """The job's completion (its deltas are skipped); re-raises what failed its batch."""
     while True:
-        item = await job.results.get()
+        item = await _next(job)
         if isinstance(item, Completion):
             return item
         if isinstance(item, BaseException):
-            raise ServeError(500, f"{type(item).__name__}: {item}", type="server_error")
+            raise _failed(item)
 
 
 class ServingChat:
-    def __init__(self, models: ServingModels, batcher: Batcher):
+    def __init__(self, models: ServingModels, batcher: Batcher, recorder: Any = None):
         self.models, self.batcher = models, batcher
         self.prompts = _Prompts(models.rt)
+        self.recorder = recorder  # serve/recording.py's Recording with --record: each answered exchange is stored
 
     def prepare(self, request: ChatCompletionRequest) -> tuple[Target, list[int]]:
         messages = [m.as_dict() for m in request.messages]
@@ -191,21 +238,29 @@ class ServingChat:
             text = self.models.rt.render(target.resident, messages)
         except LorachatError as err:
             raise ServeError(400, err.reason, param="messages") from None
-        return target, self.prompts.encode(text, "messages")
+        ids = self.prompts.encode(text, "messages")
+        self.prompts.check_room([ids], request.max_tokens)
+        return target, ids
 
     async def create(self, request: ChatCompletionRequest, target: Target, ids: list[int]) -> ChatCompletionResponse:
-        job = self.batcher.submit(Request(target.resident, ids, sampling(request)))
+        job = submit(self.batcher, Request(target.resident, ids, sampling(request)))
         try:
             done = await _wait(job)
         finally:
             job.cancel()  # a no-op once finished; frees the row if the handler was cancelled
-        return ChatCompletionResponse(
+        response = ChatCompletionResponse(
             model=target.shown, usage=_usage(done),
             choices=[ChatChoice(index=0, message=ChatResponseMessage(content=done.text),
                                 finish_reason=_finish(done.finish_reason))])
+        if self.recorder:
+            self.recorder.exchange(response.id, target, request, done)
+        return response
 
-    async def stream(self, request: ChatCompletionRequest, target: Target, ids: list[int]) -> AsyncIterator[str]:
-        job = self.batcher.submit(Request(target.resident, ids, sampling(request)))
+    def stream(self, request: ChatCompletionRequest, target: Target, ids: list[int]) -> AsyncIterator[str]:
+        """The request submitted now (a full queue is a 429, not a broken stream), then its events."""
+        return self._events(request, target, submit(self.batcher, Request(target.resident, ids, sampling(request))))
+
+    async def _events(self, request: ChatCompletionRequest, target: Target, job: Job) -> AsyncIterator[str]:
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: DeltaMessage, finish: str | None = None, usage: UsageInfo | None = None) -> str:
@@ -217,11 +272,16 @@ class ServingChat:
         try:
             yield chunk(DeltaMessage(role="assistant", content=""))
             while True:
-                item = await job.results.get()
+                try:
+                    item = await _next(job)
+                except ServeError as err:  # timed out
+                    item = err
                 if isinstance(item, Delta):
                     if item.text or item.finish_reason:
                         yield chunk(DeltaMessage(content=item.text or None), _finish(item.finish_reason or ""))
                 elif isinstance(item, Completion):
+                    if self.recorder:
+                        self.recorder.exchange(chunk_id, target, request, item)
                     if include_usage:
                         yield chunk(DeltaMessage(), usage=_usage(item))
                     break
@@ -242,10 +302,24 @@ class ServingCompletion:
         prompts = request.prompts()
         # With several prompts, `auto` routes on the first: one response names one model.
         target = self.models.target(request.model, prompts[0])
-        return target, [self.prompts.encode(p, "prompt") for p in prompts]
+        ids = [self.prompts.encode(p, "prompt") for p in prompts]
+        self.prompts.check_room(ids, request.max_tokens)
+        return target, ids
+
+    def _submit(self, request: CompletionRequest, target: Target, ids: list[list[int]]) -> list[Job]:
+        """One job per prompt; when the queue fills part-way, those already queued are withdrawn."""
+        jobs: list[Job] = []
+        try:
+            for p in ids:
+                jobs.append(submit(self.batcher, Request(target.resident, p, sampling(request))))
+        except ServeError:
+            for job in jobs:
+                job.cancel()
+            raise
+        return jobs
 
     async def create(self, request: CompletionRequest, target: Target, ids: list[list[int]]) -> CompletionResponse:
-        jobs = [self.batcher.submit(Request(target.resident, p, sampling(request))) for p in ids]
+        jobs = self._submit(request, target, ids)
         try:
             done = [await _wait(job) for job in jobs]
         finally:
@@ -259,16 +333,20 @@ class ServingCompletion:
                                                             finish_reason=_finish(d.finish_reason))
                                            for i, d in enumerate(done)])
 
-    async def stream(self, request: CompletionRequest, target: Target, ids: list[list[int]]) -> AsyncIterator[str]:
-        import asyncio
+    def stream(self, request: CompletionRequest, target: Target, ids: list[list[int]]) -> AsyncIterator[str]:
+        """Every prompt submitted now (a full queue is a 429, not a broken stream), then their events."""
+        return self._events(request, target, self._submit(request, target, ids))
 
-        jobs = [self.batcher.submit(Request(target.resident, p, sampling(request))) for p in ids]
+    async def _events(self, request: CompletionRequest, target: Target, jobs: list[Job]) -> AsyncIterator[str]:
         chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         merged: asyncio.Queue = asyncio.Queue()
 
         async def forward(index: int, job: Job) -> None:
             while True:
-                item = await job.results.get()
+                try:
+                    item = await _next(job)
+                except ServeError as err:  # timed out
+                    item = err
                 await merged.put((index, item))
                 if not isinstance(item, Delta):
                     return

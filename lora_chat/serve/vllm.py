@@ -7,7 +7,8 @@ vLLM lives in its own virtual environment (it pins its own torch and transformer
 imports it: it finds that environment's python (`--vllm-python`, else `$LORACHAT_VLLM_PYTHON`, else
 `<lorachat cache>/vllm-venv/bin/python`), checks every adapter is one vLLM loads, and runs
 `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of the CPU build looks up a
-distribution named `vllm` and fails, the module works in every build).
+distribution named `vllm` and fails, the module works in every build) as a process group that stops with
+lorachat (serve/supervise.py: SIGTERM drains it, a lorachat killed with SIGKILL takes it down too).
 
 The check mirrors what vLLM's `PEFTHelper.validate_legal` refuses (vllm/lora/peft_helper.py, 0.32), and what
 its weight loader cannot map: every problem of every adapter is collected, then reported at once, one line each.
@@ -16,9 +17,10 @@ its weight loader cannot map: every problem of every adapter is collected, then 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from ..adapters.compat import VLLM_RANKS, vllm_problems
 from ..errors import LorachatError, Where
 from ..files import user_cache_dir
 from ..models import model_facts, resolve_base
+from .supervise import supervise
 
 PYTHON_ENV = "LORACHAT_VLLM_PYTHON"
 # vLLM's KV cache on CPU is sized by this (GiB); its default (4) is more than a small CPU box spares.
@@ -41,6 +44,7 @@ class VllmOptions:
     base: str | None = None
     python: str | None = None
     dtype: str | None = None
+    drain_timeout: float = 30.0  # on SIGTERM: how long vLLM may finish running requests (--shutdown-timeout)
     extra_args: Sequence[str] = field(default_factory=tuple)
 
 
@@ -114,6 +118,8 @@ def build_command(adapter_paths: Sequence[str | Path], options: VllmOptions) -> 
             "--enable-lora", "--max-loras", str(len(infos)),
             "--max-lora-rank", str(max_lora_rank([i.path for i in infos])),
             "--lora-modules", *(f"{i.name}={i.path.resolve()}" for i in infos)]
+    # vLLM's default (0) aborts running requests on SIGTERM; a whole number of seconds makes it drain.
+    argv += ["--shutdown-timeout", str(math.ceil(options.drain_timeout))]
     if options.dtype:
         argv += ["--dtype", options.dtype]
     argv += list(options.extra_args)
@@ -123,11 +129,7 @@ def build_command(adapter_paths: Sequence[str | Path], options: VllmOptions) -> 
     return VllmLaunch(argv, env)
 
 
-def run(launch: VllmLaunch) -> int:
-    """Run vLLM's server in the foreground (Ctrl-C stops it); its exit code is ours."""
-    import subprocess
-
-    try:
-        return subprocess.call(launch.argv, env={**os.environ, **launch.env})
-    except KeyboardInterrupt:
-        return 130
+def run(launch: VllmLaunch, drain_timeout: float, say: Callable[[str], None]) -> int:
+    """Run vLLM's server in the foreground until SIGTERM/SIGINT (exit 0, vLLM and every process it started gone)
+    or until it dies (its exit code, after its last lines)."""
+    return supervise(launch.argv, {**os.environ, **launch.env}, drain_timeout=drain_timeout, name="vLLM", say=say)

@@ -121,13 +121,15 @@ class ShowProgress(TrainerCallback):
     """Training progress on the main process (`lora_chat.progress`): a rich bar in a terminal; otherwise a plain
     line at every log step, at least every 30 s, and at the end (step/total, epoch, loss, lr, tok/s, ETA)."""
 
-    def __init__(self, meter: StepMeter, console: Console, log_every: int):
+    def __init__(self, meter: StepMeter, console: Console, log_every: int, label: str = "train", bar=None):
         self.meter, self.console, self.log_every = meter, console, log_every
+        self.label, self.bar = label, bar  # a joint run: the adapter's name, one row of the run's shared bar
         self.progress: Progress | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.progress = Progress(self.console, "train", total=state.max_steps, start=state.global_step)
+            self.progress = Progress(self.console, self.label, total=state.max_steps, start=state.global_step,
+                                     bar=self.bar)
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         if self.progress is None:

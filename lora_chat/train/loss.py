@@ -7,9 +7,11 @@ gradient sync works unchanged.
 
 For a plain `nn.Linear` head (every causal LM lorachat trains; PEFT leaves it alone under all-linear) the hook
 also takes the selected hidden states for itself and lets the head project nothing: `chunked_cross_entropy` then
-projects LOSS_CHUNK_ROWS rows at a time and computes the hidden states' gradient in the same pass, as Liger's
+projects a chunk of rows at a time (plan.memory.loss_chunk_rows: at most 8M logits, 128 rows at SmolLM2's
+vocabulary, 64 at Llama 3's 128k) and computes the hidden states' gradient in the same pass, as Liger's
 fused linear cross-entropy does. The (K, V) fp32 logits, their log-softmax and its gradient (K x 49152 x 12 bytes,
-~200 MB for one packed 512-token row) never exist at once, and backward is one matmul per chunk.
+~200 MB for one packed 512-token row; 6 GB for Llama 3 at 2 x 2048) never exist at once, and backward is one
+matmul per chunk.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..plan.memory import loss_chunk_rows
 from ..templates import IGNORE
 
-LOSS_CHUNK_ROWS = 1024  # rows of logits at a time: 1024 x 49152 fp32 = 192 MiB; plan/memory.py counts the same
 
 
 class TrainedPositions:
@@ -95,9 +97,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against `targets`, never holding all (K, V) logits."""
-    return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk)
+                          chunk: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, never holding all (K, V) logits.
+
+    `chunk` rows at a time; by default as many as plan/memory.py counts for this vocabulary."""
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk or loss_chunk_rows(weight.shape[0]))
 
 
 def token_loss_sum(model: torch.nn.Module, selector: TrainedPositions, batch: dict[str, torch.Tensor]

@@ -32,6 +32,7 @@ from ..errors import LorachatError, RunFailed, Where
 from ..recipe import LoadedRecipe
 from ..templates import tokens
 from . import checkpoints, checkpointing, distributed
+from .lora_compute import compute_lora_in_base_dtype
 from .callbacks import Interrupted, ShowProgress, Signals, StepLog, StepMeter, StopOnSignal, truncate_log
 from .collate import Collator, as_dataset, to_rows
 
@@ -68,9 +69,15 @@ class Plan:
     output: Path
 
 
-def finetune(loaded: LoadedRecipe, options: Options = Options(), console: Console | None = None) -> Plan | Path:
-    """Train the recipe's adapter; return its directory (or the plan, with `dry_run`). Raises LorachatError."""
+def finetune(loaded: LoadedRecipe, options: Options = Options(), console: Console | None = None,
+             run: type[FinetuneRun] | None = None) -> Plan | Path:
+    """Train the recipe's adapter; return its directory (or the plan, with `dry_run`). Raises LorachatError.
+
+    `run` is the run to make (train/preference.py's for `training.method: dpo | orpo`)."""
     console = console or Console()
+    if run is None and loaded.recipe.training.method != "sft":
+        raise LorachatError("this is a preference run: start it with lora_chat.train.preference.finetune "
+                            "(as `lorachat finetune` does)", loaded.where("training", "method"))
     check_optimizer(loaded)
     if options.processes > 1 and not distributed.in_worker() and not options.dry_run:
         # Refuse a clobber here, once, before N processes load the model; rank 0 sets an old adapter aside
@@ -78,7 +85,7 @@ def finetune(loaded: LoadedRecipe, options: Options = Options(), console: Consol
         preflight(loaded, output_dir(loaded), options, set_aside=False)
         distributed.launch(options.processes, worker_args(loaded, options))
         return output_dir(loaded)
-    return FinetuneRun(loaded, options, console).run()
+    return (run or FinetuneRun)(loaded, options, console).run()
 
 
 def worker_args(loaded: LoadedRecipe, options: Options) -> list[str]:
@@ -126,6 +133,9 @@ class FinetuneRun:
         # ---- setup: inputs before weights, so bad recipes and data fail in seconds; preflight after them,
         # so a typo in the data does not set aside the adapter --overwrite would replace
         self.inputs = load_inputs(self.loaded, need_weights=not self.options.dry_run)
+        cleaned = self.inputs.data.hygiene.summary()  # what data.dedup / language_filter / pii took out or masked
+        if cleaned and distributed.rank() == 0:
+            self.console.print(cleaned)
         self.resume_from = preflight(self.loaded, self.target, self.options)
         self.prepared = prepare(self.loaded, self.inputs.data, self.inputs.template)
         packing, max_length = self.recipe.training.packing, self.recipe.data.max_length
@@ -136,7 +146,7 @@ class FinetuneRun:
         self.checkpointing = checkpointing.decide(self.loaded, self.prepared.stats["train"], self.inputs.base,
                                                   pick_dtype(self.recipe.base.dtype))
         set_seed(self.recipe.training.seed)  # LoRA's A matrices are drawn from the global RNG: same seed, same init
-        self.model = build_model(self.inputs, meta=self.options.dry_run, checkpointing=self.checkpointing.on)
+        self.model = self.make_model()
         plan = self.plan()
         if self.options.dry_run:
             print_plan(plan, self.console)
@@ -164,16 +174,35 @@ class FinetuneRun:
                     effective_batch=t.batch_size * t.grad_accum * self.processes, processes=self.processes,
                     checkpointing=self.checkpointing, output=self.target)
 
+    def make_model(self):
+        return build_model(self.inputs, meta=self.options.dry_run)
+
     def build_trainer(self):
-        import torch
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         from .trainer import LorachatTrainer, sft_config
 
         t = self.recipe.training
-        fsdp = t.distributed == "fsdp" and distributed.world_size() > 1
         has_eval = bool(self.eval_rows)
-        args = sft_config(
+        args = sft_config(**self.training_args(has_eval))
+        attn = getattr(self.model.config, "_attn_implementation", "") or ""
+        collator = Collator(pad_id=self.inputs.tokenizer.pad_token_id, flatten=attn.startswith("flash"))
+        trainer = LorachatTrainer(
+            model=self.model, args=args, train_dataset=as_dataset(self.train_rows),
+            eval_dataset=as_dataset(self.eval_rows) if has_eval else None, data_collator=collator,
+            processing_class=self.inputs.tokenizer, callbacks=self.callbacks(), meter=self.meter,
+            checkpoint_root=self.checkpoint_root, keep_checkpoints=t.keep_checkpoints)
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        return trainer
+
+    def training_args(self, has_eval: bool) -> dict[str, Any]:
+        """The recipe's `training:` section as TrainingArguments fields, for any of lorachat's TRL trainers."""
+        import torch
+
+        t = self.recipe.training
+        fsdp = t.distributed == "fsdp" and distributed.world_size() > 1
+        return dict(
             # use_cpu is what makes accelerate treat N CPU processes as one DDP job (gloo) instead of N lone runs.
             use_cpu=not torch.cuda.is_available(),
             output_dir=str(self.checkpoint_root),
@@ -190,24 +219,21 @@ class FinetuneRun:
             eval_strategy="steps" if (t.eval_every and has_eval) else "no", eval_steps=t.eval_every,
             activation_checkpointing=self.checkpointing.on,
             activation_checkpointing_kwargs={"use_reentrant": False},
+            # TRL's offloading: saved tensors (with checkpointing, each layer's input) to pinned host memory.
+            activation_offloading=self.checkpointing.offload,
             disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
             ddp_find_unused_parameters=False, save_only_model=False,
             # FSDP2 (fully_shard), which runs on CPU with gloo; FSDP1 is deprecated in transformers. Each layer in
             # the model's _no_split_modules becomes its own shard unit.
             fsdp=fsdp, fsdp_config={"version": 2} if fsdp else None)
-        attn = getattr(self.model.config, "_attn_implementation", "") or ""
-        collator = Collator(pad_id=self.inputs.tokenizer.pad_token_id, flatten=attn.startswith("flash"))
-        callbacks = [StepLog(self.meter, self.log_path, t.log_every), StopOnSignal(self.signals)]
+
+    def callbacks(self) -> list:
+        """The step log, the signal stop and (on rank 0) the progress display."""
+        log_every = self.recipe.training.log_every
+        callbacks = [StepLog(self.meter, self.log_path, log_every), StopOnSignal(self.signals)]
         if distributed.rank() == 0:
-            callbacks.append(ShowProgress(self.meter, self.console, t.log_every))
-        trainer = LorachatTrainer(
-            model=self.model, args=args, train_dataset=as_dataset(self.train_rows),
-            eval_dataset=as_dataset(self.eval_rows) if has_eval else None, data_collator=collator,
-            processing_class=self.inputs.tokenizer, callbacks=callbacks, meter=self.meter,
-            checkpoint_root=self.checkpoint_root, keep_checkpoints=t.keep_checkpoints)
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-        return trainer
+            callbacks.append(ShowProgress(self.meter, self.console, log_every))
+        return callbacks
 
     def report_to(self) -> list[str]:
         if self.recipe.training.report_to != "tensorboard":
@@ -272,7 +298,8 @@ class FinetuneRun:
         # and only rank 0 receives the full tensors.
         state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
         if self.is_main:
-            _save_adapter(self.inputs, trainer, self.target, metrics, state_dict)
+            _save_adapter(self.inputs, trainer.accelerator.unwrap_model(trainer.model), self.target, metrics,
+                          state_dict)
             self.console.print(f"[green]adapter written to {self.target}[/]")
         trainer.accelerator.wait_for_everyone()
 
@@ -316,12 +343,11 @@ def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[1])
 
 
-def build_model(inputs, meta: bool, checkpointing: bool) -> Any:
-    """The base (real weights, or shapes only on the meta device for --dry-run) with LoRA attached.
-
-    `checkpointing` (gradient checkpointing, as decided for the run) matters here only for a quantized base."""
+def build_model(inputs, meta: bool) -> Any:
+    """The base (real weights, or shapes only on the meta device for --dry-run) with LoRA attached, its matmuls in
+    the base's compute dtype (train/lora_compute.py)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from ..models import load_model, pick_dtype
 
@@ -337,29 +363,35 @@ def build_model(inputs, meta: bool, checkpointing: bool) -> Any:
         model = load_model(inputs.base, dtype=base_cfg.dtype, quantization=base_cfg.quantization,
                            trust_remote_code=base_cfg.trust_remote_code, attn_implementation=base_cfg.attn_implementation)
         if base_cfg.quantization != "none":
-            from peft import prepare_model_for_kbit_training
-
-            # Casts norms to fp32 and enables input grads so LoRA on frozen quantized layers trains stably.
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Not peft's prepare_model_for_kbit_training: it casts every unquantized weight to fp32 (an 8B Llama's
+            # embeddings and LM head: 1B weights, 2 GiB more than bf16). That upcast is from fp16 QLoRA, where fp16
+            # norms and logits overflow; here RMSNorm computes in fp32 internally (transformers), the loss takes its
+            # softmax in fp32 (train/loss.py), and frozen weights get no updates to round away. get_peft_model
+            # freezes the base; the Trainer turns checkpointing on (and with it the input-grad hook it needs).
             _keep_4bit_weights_unpacked(model)
     # Template markers the base lacked (templates/tokens.py): resize, and train only their embedding rows.
     token_rows = tokens.prepare_model(model, inputs.added_tokens)
-    config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
-        use_dora=lora.variant == "dora", use_rslora=lora.variant == "rslora", trainable_token_indices=token_rows)
     try:
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, lora_config(lora, token_rows))
     except ValueError as err:  # e.g. a target module name the model does not have
         raise LorachatError(str(err).splitlines()[0], inputs.loaded.where("lora", "target_modules")) from None
+    compute_lora_in_base_dtype(model, pick_dtype(base_cfg.dtype))
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if isinstance(model.get_output_embeddings(), BaseTunerLayer):  # SFTTrainer refuses it, deep in its __init__
         raise LorachatError("LoRA on the LM head is not supported by TRL's SFTTrainer; train it whole with "
                             "lora.modules_to_save: [lm_head] instead", inputs.loaded.where("lora", "target_modules"))
     return model
+
+
+def lora_config(lora, token_rows=None):
+    """PEFT's LoraConfig for a recipe's `lora:` section (joint runs add one per adapter to the same base)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
+        use_dora=lora.variant == "dora", use_rslora=lora.variant == "rslora", trainable_token_indices=token_rows)
 
 
 # bitsandbytes (checked: 0.50.2, the pinned version) repacks a Linear4bit's weight in place into its AVX512
@@ -422,7 +454,19 @@ def _last_logged_loss(path: Path) -> float | None:
 # ---------------------------------------------------------------- save
 
 
-def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any], state_dict: dict | None) -> None:
+def save_weights(model, directory: Path, adapter_name: str = "default", **kwargs: Any) -> None:
+    """PEFT's adapter files for `adapter_name` directly in `directory` (PEFT puts any adapter but "default" one
+    folder down, under its name; a joint run's adapters must look like one trained alone)."""
+    model.save_pretrained(directory, selected_adapters=[adapter_name], **kwargs)
+    if adapter_name != "default":
+        nested = directory / adapter_name
+        for item in nested.iterdir():
+            os.replace(item, directory / item.name)
+        nested.rmdir()
+
+
+def _save_adapter(inputs, model, target: Path, metrics: dict[str, Any], state_dict: dict | None,
+                  adapter_name: str = "default") -> None:
     import errno
 
     from ..adapters.domain import write_profile
@@ -430,11 +474,10 @@ def _save_adapter(inputs, trainer, target: Path, metrics: dict[str, Any], state_
 
     staging = adapters.staging_dir(target)
     try:
-        model = trainer.accelerator.unwrap_model(trainer.model)
         # With added tokens the vocabulary differs from the base's, and PEFT's "auto" would then save the whole
         # embedding matrices: the trained rows are already in the adapter (trainable_token_indices).
-        model.save_pretrained(staging, state_dict=state_dict,
-                              save_embedding_layers="auto" if inputs.added_tokens is None else False)
+        save_weights(model, staging, adapter_name, state_dict=state_dict,
+                     save_embedding_layers="auto" if inputs.added_tokens is None else False)
         tokens.save_generation_config(staging, model, inputs.added_tokens)
         if (target / TENSORBOARD).is_dir():  # the run's event files belong with the adapter they describe
             shutil.copytree(target / TENSORBOARD, staging / TENSORBOARD)

@@ -29,6 +29,7 @@ from trl import SFTConfig, SFTTrainer
 from ..errors import LorachatError, RunFailed
 from . import checkpoints
 from .callbacks import StepMeter, _all_sum
+from ..templates import IGNORE
 from .loss import TrainedPositions, token_loss_sum
 from .sampler import StepSortedSampler
 
@@ -52,36 +53,40 @@ def sft_config(**training_args: Any) -> SFTConfig:
         remove_unused_columns=False, label_names=["shift_labels"])
 
 
-class LorachatTrainer(SFTTrainer):
-    # compute_loss divides by the step's trained-token count itself (num_items_in_batch), so the Trainer must not
-    # divide again by gradient_accumulation_steps.
-    loss_is_scaled_for_ga = True
+class RunHooks:
+    """What every lorachat trainer (SFT here, preference in preference.py) adds to its TRL parent: fp32 adapter
+    weights, the step-sorted sampler, a NaN stop on every rank, atomic checkpoints, no TRL model card.
 
-    def __init__(self, *args, meter: StepMeter, checkpoint_root: Path, keep_checkpoints: int, **kwargs):
-        model = kwargs["model"]
-        adapter_dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-        super().__init__(*args, **kwargs)
-        # SFTTrainer casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice); lorachat keeps
-        # them in fp32 as PEFT made them, so small updates are not rounded away (run.py's docstring).
-        for name, p in self.model.named_parameters():
-            if name in adapter_dtypes and p.dtype != adapter_dtypes[name]:
-                p.data = p.data.to(adapter_dtypes[name])
+    Mixed in before the TRL trainer (`class X(RunHooks, SFTTrainer)`), so its `super()` calls reach TRL's Trainer.
+    """
+
+    def _init_hooks(self, meter: StepMeter, checkpoint_root: Path, keep_checkpoints: int) -> None:
         self.meter = meter
         self.checkpoint_root = checkpoint_root
         self.keep_checkpoints = keep_checkpoints
         self._staging: Path | None = None
         self._sampler: StepSortedSampler | None = None  # set when the train dataloader is built
-        self.selector = TrainedPositions(self.model.get_output_embeddings())
+
+    def _keep_adapter_dtypes(self, init, *args, **kwargs) -> None:
+        """Run the TRL trainer's `init`, then undo its cast of a quantized model's LoRA weights to bf16 (the QLoRA
+        paper's choice): lorachat keeps them in fp32 as PEFT made them, so small updates are not rounded away."""
+        adapter_dtypes = {name: p.dtype for name, p in kwargs["model"].named_parameters() if p.requires_grad}
+        init(*args, **kwargs)
+        for name, p in self.model.named_parameters():
+            if name in adapter_dtypes and p.dtype != adapter_dtypes[name]:
+                p.data = p.data.to(adapter_dtypes[name])
+
+    def _row_lengths(self, dataset) -> list[int]:
+        # Row lengths from the Arrow column itself: `dataset["input_ids"]` would turn every token id into a
+        # Python int first (seconds and gigabytes on a large dataset) only to take lengths.
+        return pyarrow.compute.list_value_length(dataset.data.column("input_ids")).to_pylist()
 
     def _get_train_sampler(self, train_dataset=None) -> StepSortedSampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         args = self.args
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
         seed = args.data_seed if args.data_seed is not None else args.seed
-        # Row lengths from the Arrow column itself: `dataset["input_ids"]` would turn every token id into a
-        # Python int first (seconds and gigabytes on a large dataset) only to take lengths.
-        lengths = pyarrow.compute.list_value_length(dataset.data.column("input_ids")).to_pylist()
-        self._sampler = StepSortedSampler(lengths, rows_per_step, seed)
+        self._sampler = StepSortedSampler(self._row_lengths(dataset), rows_per_step, seed)
         return self._sampler
 
     def _run_epoch(self, *args, **kwargs):
@@ -95,6 +100,65 @@ class LorachatTrainer(SFTTrainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """SFTTrainer writes a README.md into the checkpoint folder at every save; the adapter gets lorachat's own
         card (adapters.render_card) when it is published."""
+
+    def _stop_if_not_finite(self, loss_sum: torch.Tensor) -> None:
+        """Raise NonFiniteLoss on every process when any process's loss is NaN or inf.
+
+        A rank that raised alone would leave the others waiting in the gradient all-reduce until the process
+        group's timeout; so every rank shares its verdict (one scalar all-reduce per micro-batch) and all stop.
+        """
+        world = self.accelerator.num_processes
+        verdict = [0.0] * world  # per rank: 0 finite, 1 nan, 2 inf
+        if not torch.isfinite(loss_sum):
+            verdict[self.accelerator.process_index] = 1.0 if torch.isnan(loss_sum) else 2.0
+        verdict = _all_sum(verdict)
+        bad = [rank for rank, v in enumerate(verdict) if v]
+        if not bad:
+            return
+        value = "nan" if verdict[bad[0]] == 1.0 else "inf"
+        on = f" on process {bad[0]} of {world}" if world > 1 else ""
+        where = self.checkpoint_root / (checkpoints.newest(self.checkpoint_root) or Path("(none yet)")).name
+        raise NonFiniteLoss(f"loss became {value} at step {self.state.global_step + 1}{on}; "
+                            f"stopped, last good checkpoint: {where} (try a lower training.lr)")
+
+    # ------------------------------------------------------------ atomic checkpoints
+
+    def _get_output_dir(self, trial) -> str:
+        # The parent writes `<output_dir>/checkpoint-N`; point it at a staging folder instead.
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        step = self.state.global_step
+        root = self.checkpoint_root
+        self._staging = checkpoints.staging_dir(root, step)
+        written = self._staging / f"checkpoint-{step}"
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's RNG state is in before we publish
+            if self.is_world_process_zero():
+                checkpoints.publish(written, root / f"checkpoint-{step}")
+                shutil.rmtree(self._staging, ignore_errors=True)
+                checkpoints.rotate(root, self.keep_checkpoints)
+        except OSError as err:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            reason = "disk full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+            previous = checkpoints.newest(root)
+            kept = f"; {previous.name} is intact" if previous else ""
+            raise RunFailed(f"{root}: cannot save checkpoint-{step}: {reason}{kept}") from err
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+
+
+class LorachatTrainer(RunHooks, SFTTrainer):
+    # compute_loss divides by the step's trained-token count itself (num_items_in_batch), so the Trainer must not
+    # divide again by gradient_accumulation_steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, meter: StepMeter, checkpoint_root: Path, keep_checkpoints: int, **kwargs):
+        self._init_hooks(meter, checkpoint_root, keep_checkpoints)
+        self._keep_adapter_dtypes(super().__init__, *args, **kwargs)
+        self.selector = TrainedPositions(self.model.get_output_embeddings())
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -126,6 +190,19 @@ class LorachatTrainer(SFTTrainer):
             raise LorachatError(f"{resume_from_checkpoint} was written by {how}")
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """The step's trained-token count, all processes: what compute_loss divides by.
+
+        transformers counts it only for batches with a "labels" key, and lorachat's carry "shift_labels": so every
+        micro-batch used to be divided by its own count and the step's gradient was the sum of grad_accum means
+        (grad_accum times one big batch's, clipped harder) instead of the mean over the step's tokens."""
+        if not batch_samples:
+            return None
+        count = sum((batch["shift_labels"] != IGNORE).sum() for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, trained = token_loss_sum(model, self.selector, inputs)
         self._stop_if_not_finite(loss_sum)
@@ -136,26 +213,6 @@ class LorachatTrainer(SFTTrainer):
             # num_items_in_batch counts every process's tokens, while DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
-
-    def _stop_if_not_finite(self, loss_sum: torch.Tensor) -> None:
-        """Raise NonFiniteLoss on every process when any process's loss is NaN or inf.
-
-        A rank that raised alone would leave the others waiting in the gradient all-reduce until the process
-        group's timeout; so every rank shares its verdict (one scalar all-reduce per micro-batch) and all stop.
-        """
-        world = self.accelerator.num_processes
-        verdict = [0.0] * world  # per rank: 0 finite, 1 nan, 2 inf
-        if not torch.isfinite(loss_sum):
-            verdict[self.accelerator.process_index] = 1.0 if torch.isnan(loss_sum) else 2.0
-        verdict = _all_sum(verdict)
-        bad = [rank for rank, v in enumerate(verdict) if v]
-        if not bad:
-            return
-        value = "nan" if verdict[bad[0]] == 1.0 else "inf"
-        on = f" on process {bad[0]} of {world}" if world > 1 else ""
-        where = self.checkpoint_root / (checkpoints.newest(self.checkpoint_root) or Path("(none yet)")).name
-        raise NonFiniteLoss(f"loss became {value} at step {self.state.global_step + 1}{on}; "
-                            f"stopped, last good checkpoint: {where} (try a lower training.lr)")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
@@ -184,31 +241,3 @@ class LorachatTrainer(SFTTrainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-    # ------------------------------------------------------------ atomic checkpoints
-
-    def _get_output_dir(self, trial) -> str:
-        # The parent writes `<output_dir>/checkpoint-N`; point it at a staging folder instead.
-        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        step = self.state.global_step
-        root = self.checkpoint_root
-        self._staging = checkpoints.staging_dir(root, step)
-        written = self._staging / f"checkpoint-{step}"
-        try:
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()  # every rank's RNG state is in before we publish
-            if self.is_world_process_zero():
-                checkpoints.publish(written, root / f"checkpoint-{step}")
-                shutil.rmtree(self._staging, ignore_errors=True)
-                checkpoints.rotate(root, self.keep_checkpoints)
-        except OSError as err:
-            shutil.rmtree(self._staging, ignore_errors=True)
-            reason = "disk full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-            previous = checkpoints.newest(root)
-            kept = f"; {previous.name} is intact" if previous else ""
-            raise RunFailed(f"{root}: cannot save checkpoint-{step}: {reason}{kept}") from err
-        finally:
-            self._staging = None
-        self.accelerator.wait_for_everyone()

@@ -1,5 +1,7 @@
 // The side-by-side chat page. It talks only to this server's OpenAI-compatible endpoints (/v1/models,
 // /v1/chat/completions), the same ones any client uses, so what a person sees here is what an API user gets.
+// When the server records (serve --record), it also offers feedback through /v1/feedback: per reply up, down
+// and an edit; with several panes on the same prompt, which reply is better.
 // No build step and no third-party code: the page works offline.
 "use strict";
 
@@ -8,7 +10,8 @@ const KEY_STORE = "lorachat-api-key"; // sessionStorage: this tab only, gone whe
 const ROUTE_HEADER = "x-lorachat-route";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { models: [], panes: [], busy: 0 };
+const state = { models: [], panes: [], busy: 0, recording: false };
+const LETTERS = "ABCD";
 
 // ------------------------------------------------------------------ the API, with the key asked for once
 
@@ -119,14 +122,22 @@ function openPane(id) {
   el.querySelector(".copy").addEventListener("click", () => copyConversation(pane));
   state.panes.push(pane);
   $("#panes").append(el);
+  relabel();
   syncAddress();
   renderModelList();
+}
+
+// Panes are A, B, C, D in their order on screen: the letters the comparison buttons name.
+function relabel() {
+  state.panes.forEach((p, i) => { p.el.querySelector(".pane-letter").textContent = LETTERS[i]; });
+  hideCompare();
 }
 
 function closePane(pane) {
   pane.controller?.abort();
   pane.el.remove();
   state.panes = state.panes.filter((p) => p !== pane);
+  relabel();
   syncAddress();
   renderModelList();
 }
@@ -194,19 +205,23 @@ async function send(text) {
   for (const pane of state.panes) pane.messages.push({ role: "user", content: text });
   state.busy = state.panes.length;
   $("#send").disabled = true;
-  await Promise.all(state.panes.map((pane) => {
+  hideCompare();
+  const answers = await Promise.all(state.panes.map((pane) => {
     addMessage(pane, "user", text);
     return streamReply(pane);
   }));
   state.busy = 0;
   $("#send").disabled = false;
+  offerComparison(answers.filter(Boolean));
 }
 
 async function streamReply(pane) {
   const bubble = addMessage(pane, "assistant", "");
   bubble.classList.add("streaming");
+  const sent = conversation(pane);
+  let responseId = null;
   const body = {
-    model: pane.model, messages: conversation(pane), stream: true,
+    model: pane.model, messages: sent, stream: true,
     temperature: Number($("#temperature").value), max_tokens: Number($("#max-tokens").value),
   };
   pane.controller = new AbortController();
@@ -240,6 +255,7 @@ async function streamReply(pane) {
         if (!data || data === "[DONE]") continue;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
+        responseId = chunk.id || responseId; // the completion id: what feedback refers to
         if (pane.model === "auto" && chunk.model) showAnswerer(pane, chunk.model);
         const delta = chunk.choices?.[0]?.delta?.content || "";
         if (delta) {
@@ -251,7 +267,7 @@ async function streamReply(pane) {
     }
     if (buffer.trim() && !buffer.includes("[DONE]")) throw new Error("the stream ended in the middle of a message");
   } catch (err) {
-    if (err.name === "AbortError") return;
+    if (err.name === "AbortError") return null;
     const lost = err instanceof TypeError; // fetch's network failure: the server went away
     addMessage(pane, "error", lost ? "connection lost: the server stopped mid-reply (what arrived is kept)" : err.message);
   } finally {
@@ -262,6 +278,147 @@ async function streamReply(pane) {
     else if (!bubble.textContent) bubble.remove();
     pane.controller = null;
   }
+  if (!reply || !responseId || !state.recording) return null;
+  addFeedback(pane, responseId, reply);
+  return { pane, id: responseId, prompt: JSON.stringify(sent) };
+}
+
+// ------------------------------------------------------------------ feedback (only when the server records)
+
+async function postFeedback(body) {
+  const response = await api("/v1/feedback", { method: "POST", body: JSON.stringify(body) });
+  if (!response.ok) throw new Error(await errorText(response));
+  return response.json();
+}
+
+function feedbackButton(label, text, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = text;
+  button.setAttribute("aria-label", label);
+  button.title = label;
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+// Up / down (pressing the pressed one takes the rating back) and an edit, under each finished reply.
+function addFeedback(pane, id, reply) {
+  const item = document.createElement("li");
+  item.className = "feedback";
+  item.dataset.response = id;
+  const bar = document.createElement("div");
+  bar.setAttribute("role", "group");
+  bar.setAttribute("aria-label", `Feedback on ${pane.model}'s reply`);
+  const up = feedbackButton("Good reply", "▲ Good", () => rate("up"));
+  const down = feedbackButton("Bad reply", "▼ Bad", () => rate("down"));
+  up.className = "vote-up";
+  down.className = "vote-down";
+  for (const b of [up, down]) b.setAttribute("aria-pressed", "false");
+  const edit = feedbackButton("Edit: write what the reply should have said", "✎ Edit", () => openEditor());
+  edit.className = "edit";
+  bar.append(up, down, edit);
+  item.append(bar);
+  pane.list.append(item);
+  scrollToEnd(pane);
+
+  async function rate(vote) {
+    const pressed = (vote === "up" ? up : down).getAttribute("aria-pressed") === "true";
+    const rating = pressed ? "none" : vote;
+    try {
+      await postFeedback({ response_id: id, model: pane.model === "auto" ? undefined : pane.model, rating });
+    } catch (err) {
+      notice(`feedback not recorded: ${err.message}`);
+      return;
+    }
+    up.setAttribute("aria-pressed", String(rating === "up"));
+    down.setAttribute("aria-pressed", String(rating === "down"));
+    setStatus(rating === "none" ? "rating taken back" : `recorded: ${rating === "up" ? "good" : "bad"} reply`);
+  }
+
+  function openEditor() {
+    if (item.querySelector("form")) return;
+    const form = document.createElement("form");
+    form.className = "editor";
+    const label = document.createElement("label");
+    label.textContent = "What it should have said";
+    const box = document.createElement("textarea");
+    box.rows = 3;
+    box.value = reply;
+    label.append(box);
+    const save = document.createElement("button");
+    save.type = "submit";
+    save.textContent = "Save edit";
+    const cancel = feedbackButton("Cancel the edit", "Cancel", () => { form.remove(); edit.focus(); });
+    form.append(label, save, cancel);
+    form.addEventListener("keydown", (event) => { if (event.key === "Escape") cancel.click(); });
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const text = box.value.trim();
+      if (!text) return;
+      try {
+        await postFeedback({ response_id: id, model: pane.model === "auto" ? undefined : pane.model, edit: text });
+      } catch (err) {
+        notice(`edit not recorded: ${err.message}`);
+        return;
+      }
+      form.remove();
+      edit.textContent = "✎ Edited";
+      edit.focus();
+      setStatus("recorded: the edit");
+    });
+    item.append(form);
+    box.focus();
+  }
+}
+
+function hideCompare() {
+  const bar = $("#compare");
+  bar.hidden = true;
+  bar.querySelector(".compare-choices").replaceChildren();
+}
+
+// Two or more panes answered the same messages: which reply is better (with more panes, which is best: it is
+// recorded as beating each other one), or a tie.
+function offerComparison(answers) {
+  if (answers.length < 2 || answers.length !== state.panes.length) return;
+  if (answers.some((a) => a.prompt !== answers[0].prompt)) return; // their histories differ: not one prompt
+  const bar = $("#compare");
+  const choices = bar.querySelector(".compare-choices");
+  const word = answers.length === 2 ? "better" : "best";
+  const buttons = [];
+  const choose = async (winner, button) => {
+    const pairs = winner === null ? answers.flatMap((a, i) => answers.slice(i + 1).map((b) => [a, b]))
+      : answers.filter((a) => a !== winner).map((b) => [winner, b]);
+    try {
+      for (const [a, b] of pairs) {
+        await postFeedback({ response_id: a.id, other_response_id: b.id, winner: winner === null ? "tie" : "a" });
+      }
+    } catch (err) {
+      notice(`vote not recorded: ${err.message}`);
+      return;
+    }
+    for (const b of buttons) b.setAttribute("aria-pressed", String(b === button));
+    setStatus(`recorded: ${button.textContent}`);
+  };
+  answers.forEach((answer) => {
+    const letter = LETTERS[state.panes.indexOf(answer.pane)];
+    const button = feedbackButton(`${letter} (${answer.pane.model}) is ${word}`, `${letter} is ${word}`,
+      () => choose(answer, button));
+    buttons.push(button);
+  });
+  const tie = feedbackButton("Tie: neither is better", "Tie", () => choose(null, tie));
+  buttons.push(tie);
+  for (const b of buttons) b.setAttribute("aria-pressed", "false");
+  choices.replaceChildren(...buttons);
+  bar.hidden = false;
+}
+
+async function loadRecording() {
+  const response = await api("/v1/feedback");
+  if (!response.ok) return; // an older server without the route: no feedback controls
+  const body = await response.json();
+  state.recording = Boolean(body.recording);
+  $("#recording").hidden = !state.recording;
 }
 
 // The router's decision arrives as `adapter=NAME; language=sv; language_score=0.970; domain_score=-; reason=...`.
@@ -312,6 +469,7 @@ function wire() {
       pane.el.querySelector(".route").hidden = true;
     }
     $("#notices").replaceChildren();
+    hideCompare();
     setStatus("conversations cleared");
   });
 }
@@ -324,6 +482,7 @@ async function start() {
     notice(`cannot list the models: ${err.message}`);
     return;
   }
+  await loadRecording().catch((err) => notice(`cannot tell whether this server records: ${err.message}`));
   const wanted = new URL(location.href).searchParams.get("models");
   for (const id of (wanted ? wanted.split(",") : []).filter(Boolean)) {
     if (state.models.some((m) => m.id === id)) openPane(id);
