@@ -58,7 +58,7 @@ def test_wrong_type_names_file_line_and_field(tmp_path):
 def test_a_key_of_several_types_gets_one_line_naming_each(tmp_path):
     """Old behaviour: `auto | true | false` reported 'maybe' once per type, the second on a key ending `.bool`."""
     path = write(tmp_path, MINIMAL + "training:\n  gradient_checkpointing: maybe\n")
-    assert problems(path) == [f"{path}:8: training.gradient_checkpointing: Input should be 'auto' or a valid "
+    assert problems(path) == [f"{path}:8: training.gradient_checkpointing: Input should be 'auto' or 'offload' or a valid "
                               f"boolean, unable to interpret input (got 'maybe')"]
 
 
