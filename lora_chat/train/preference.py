@@ -180,6 +180,7 @@ def _trainer_class():
     from trl import DPOTrainer
     from trl.trainer.utils import use_adapter
 
+    from .lora_compute import compute_lora_in_base_dtype
     from .loss import TrainedPositions
     from .trainer import RunHooks
 
@@ -195,6 +196,12 @@ def _trainer_class():
                 # TRL's frozen copy of the starting adapter has done its work once the reference log-probs are in.
                 peft_model.delete_adapter("ref")
                 peft_model.set_adapter("default")
+
+        def _precompute_ref_logps(self, *args, **kwargs):
+            # TRL adds its "ref" adapter after build_model made the LoRA layers compute in the base's dtype
+            # (lora_compute.py); on a bf16 base its fp32 A and B would meet bf16 inputs.
+            compute_lora_in_base_dtype(self.accelerator.unwrap_model(self.model), self.model.dtype)
+            return super()._precompute_ref_logps(*args, **kwargs)
 
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset  # tokenized and masked by lorachat (module docstring)

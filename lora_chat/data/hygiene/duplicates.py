@@ -9,10 +9,11 @@ below the threshold still counts when the larger row holds (1 + threshold) / 2 o
 `MinHash`/`MinHashLSH`: they hash, insert and query one row at a time in Python, 46-72 us per row measured
 here on chatterbot rows, a fifth of what `validate` spends on a row in all (bench/bench_validate.py). Here
 every row of a batch is hashed in one numpy pass:
-  - each distinct feature is hashed once (crc32, cached), a row is the array of its features' hashes;
-  - permutation i is the multiply-shift hash `(a_i * x + b_i) mod 2**64 >> 32` (a universal family,
-    Dietzfelbinger et al. 1997), applied to all features of the batch as one (perms, features) array, and
-    `np.minimum.reduceat` takes each row's minimum: the (rows, perms) signature matrix;
+  - each feature is hashed with crc32, and permutation i is the multiply-shift hash
+    `(a_i * x + b_i) mod 2**64 >> 32` (a universal family, Dietzfelbinger et al. 1997), applied as one
+    (perms, features) array; `np.minimum.reduceat` takes the minima;
+  - a word's signature (the minima over its features) is computed once, when the word is first seen, and a
+    row's signature is the minimum over its words' signatures: the (rows, perms) signature matrix;
   - LSH: `bands` bands of `rows_per_band` values; in each band rows with the same values share a bucket,
     each bucket's members are paired with its first row (so a bucket of n copies costs n pairs, not n²);
   - every candidate pair is then checked: the share of equal signature values estimates the Jaccard
@@ -123,16 +124,18 @@ class NearIndex:
 
     def add(self, text: str) -> int:
         """Add one row; returns its index."""
-        vocab, counts, ids = self._vocab, self._word_features, []
-        for w in set(_WORD.findall(text.upper().casefold())):
-            i = vocab.get(w)
-            if i is None:
-                i = vocab[w] = len(vocab)
-                counts.append(len(_word_features(w)))
-                self._new_words.append(w)
-            ids.append(i)
+        vocab, counts = self._vocab, self._word_features
+        found = set(_WORD.findall(text.upper().casefold()))
+        ids = list(map(vocab.get, found))
+        if None in ids:  # words not seen before: the rare path, once per word of the vocabulary
+            for w in found:
+                if w not in vocab:
+                    vocab[w] = len(vocab)
+                    counts.append(len(_word_features(w)))
+                    self._new_words.append(w)
+            ids = list(map(vocab.__getitem__, found))
         self._empty.append(not ids)
-        self._features.append(sum(counts[i] for i in ids))
+        self._features.append(sum(map(counts.__getitem__, ids)))
         self._pending += ids or [0]
         self._sizes.append(len(ids) or 1)
         if len(self._sizes) >= BATCH:
