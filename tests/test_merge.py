@@ -59,7 +59,12 @@ def adapter_on_base(base: Path, adapter: Path, **load) -> torch.Tensor:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **load), adapter).eval()
+    from lora_chat.models.bnb_cpu import keep_4bit_weights_unpacked
+
+    model = AutoModelForCausalLM.from_pretrained(base, **load)
+    # As trained: bitsandbytes' AVX512-BF16 repacking would compute in bf16, and cannot take the tiny model's layers.
+    keep_4bit_weights_unpacked(model)
+    model = PeftModel.from_pretrained(model, adapter).eval()
     return logits_of(model, AutoTokenizer.from_pretrained(adapter))
 
 

@@ -197,6 +197,10 @@ def load_model(
             Where(field="base.model"),
         ) from err
 
+    if quant == "4bit":
+        from .bnb_cpu import keep_4bit_weights_unpacked
+
+        keep_4bit_weights_unpacked(model)
     if for_training:
         model.config.use_cache = False
     else:

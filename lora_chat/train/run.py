@@ -362,13 +362,11 @@ def build_model(inputs, meta: bool) -> Any:
     else:
         model = load_model(inputs.base, dtype=base_cfg.dtype, quantization=base_cfg.quantization,
                            trust_remote_code=base_cfg.trust_remote_code, attn_implementation=base_cfg.attn_implementation)
-        if base_cfg.quantization != "none":
-            # Not peft's prepare_model_for_kbit_training: it casts every unquantized weight to fp32 (an 8B Llama's
-            # embeddings and LM head: 1B weights, 2 GiB more than bf16). That upcast is from fp16 QLoRA, where fp16
-            # norms and logits overflow; here RMSNorm computes in fp32 internally (transformers), the loss takes its
-            # softmax in fp32 (train/loss.py), and frozen weights get no updates to round away. get_peft_model
-            # freezes the base; the Trainer turns checkpointing on (and with it the input-grad hook it needs).
-            _keep_4bit_weights_unpacked(model)
+        # A quantized base does not go through peft's prepare_model_for_kbit_training: it casts every unquantized
+        # weight to fp32 (an 8B Llama's embeddings and LM head: 1B weights, 2 GiB more than bf16). That upcast is from
+        # fp16 QLoRA, where fp16 norms and logits overflow; here RMSNorm computes in fp32 internally (transformers),
+        # the loss takes its softmax in fp32 (train/loss.py), and frozen weights get no updates to round away.
+        # get_peft_model freezes the base; the Trainer turns checkpointing on (and with it the input-grad hook).
     # Template markers the base lacked (templates/tokens.py): resize, and train only their embedding rows.
     token_rows = tokens.prepare_model(model, inputs.added_tokens)
     try:
@@ -392,24 +390,6 @@ def lora_config(lora, token_rows=None):
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
         target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
         use_dora=lora.variant == "dora", use_rslora=lora.variant == "rslora", trainable_token_indices=token_rows)
-
-
-# bitsandbytes (checked: 0.50.2, the pinned version) repacks a Linear4bit's weight in place into its AVX512
-# CPU-inference layout the first time the layer runs in eval mode without grad (our eval passes), and the training
-# steps after it read the repacked buffer as if it were the plain one. Upstream tracks the same one-way CPU packing
-# for `.to()` in bitsandbytes-foundation/bitsandbytes#2078; re-check both when the pin moves.
-BNB_CPU_REPACK_CHECKED = "0.50.2"
-
-
-def _keep_4bit_weights_unpacked(model) -> None:
-    import bitsandbytes
-    from packaging.version import Version
-
-    if Version(bitsandbytes.__version__) > Version(BNB_CPU_REPACK_CHECKED):
-        return
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _steps(recipe, rows: int, processes: int) -> tuple[int, float]:
