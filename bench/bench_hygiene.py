@@ -322,7 +322,7 @@ def pii_cases(kind: str, rng: random.Random) -> str:
     if kind == "EMAIL":
         first = rng.choice(["anna", "erik", "maria", "lars", "karin", "johan", "sara", "jose", "lucia", "mike"])
         last = rng.choice(["andersson", "johansson", "karlsson", "nilsson", "garcia", "smith", "lindqvist"])
-        domain = rng.choice(["gmail.com", "hotmail.se", "telia.com", "zaragoza.se", "example.org", "outlook.com",
+        domain = rng.choice(["gmail.com", "hotmail.se", "telia.com", "zaragoza.se", "bredband.net", "outlook.com",
                              "foretag.co.uk"])
         return f"{first}{rng.choice(['.', '_', ''])}{last}{rng.choice(['', str(rng.randint(1, 99))])}@{domain}"
     if kind == "PHONE":

@@ -122,9 +122,15 @@ class Data(_Section):
         "off", description="Drop duplicate conversations before the eval split, keeping the first: exact = the same "
         "text once case and whitespace are normalised; near = also near-duplicates (near_threshold); off = "
         "validate only reports them (docs/hygiene.md).")
+
+    @field_validator("dedup", mode="before")
+    @classmethod
+    def _bare_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
     near_threshold: float = Field(
         0.8, gt=0, le=1, description="Similarity (MinHash estimate of the Jaccard of two conversations' words "
-        "and word pieces) from which they are near-duplicates, in (0, 1]; a conversation also is one when another "
+        "and word pieces, checked exactly near the threshold) from which they are near-duplicates, in (0, 1]; a conversation also is one when another "
         "holds (1 + threshold) / 2 of it (a sentence or a turn added).")
     language_filter: bool = Field(
         False, description="Drop conversations not in output.language (the router's language identifier); "

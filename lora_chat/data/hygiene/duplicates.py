@@ -16,10 +16,14 @@ every row of a batch is hashed in one numpy pass:
     row's signature is the minimum over its words' signatures: the (rows, perms) signature matrix;
   - LSH: `bands` bands of `rows_per_band` values; in each band rows with the same values share a bucket,
     each bucket's members are paired with its first row (so a bucket of n copies costs n pairs, not n²);
-  - every candidate pair is then checked: the share of equal signature values estimates the Jaccard
-    similarity J, and the feature counts turn it into containment, |A & B| = J (|A| + |B|) / (1 + J).
+  - every candidate pair is then screened: the share of equal signature values estimates the Jaccard
+    similarity J, and the feature counts turn it into containment, |A & B| = J (|A| + |B|) / (1 + J);
+  - a pair whose estimate comes within `VERIFY_MARGIN` of either rule is decided on its rows' exact feature
+    sets. The estimate alone is biased upwards here: the signature that proposed a pair (a band of equal values)
+    is also the one that scores it, and containment magnifies the error when one row is much longer; on the
+    quickstart's FAQ it took three distinct answers (exact Jaccard 0.15-0.60) for copies.
 The later row of a kept pair is the near-duplicate; the earlier one is what `dedup: near` keeps. Memory is the
-signature matrix, 4 bytes per permutation per row (256 B a row at 64).
+signature matrix, 4 bytes per permutation per row (256 B a row at 64), and each row's word ids.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ NUM_PERM = 64  # the standard error of the estimate at J=0.8 is sqrt(0.8*0.2/64)
 CANDIDATE_SHARE = 0.6  # LSH proposes pairs from this share of the threshold up (see `banding`)
 MIN_CONTAINED = 12  # features the smaller row needs before containment counts: "Hello / Hi" is in many rows
 CHECK_PAIRS = 200_000  # candidate pairs compared per numpy pass
+VERIFY_MARGIN = 0.15  # estimates this far below a rule still get the exact check: about 3 standard errors at 64
 BATCH = 2048  # rows hashed per numpy pass: (words, perms) uint64 arrays of a few MB
 _WORD = re.compile(r"\w+")
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -94,8 +99,8 @@ class NearPair:
 
     earlier: int
     later: int
-    similarity: float  # estimated Jaccard of the two rows' features
-    contained: float  # estimated share of the smaller row's features that the larger holds
+    similarity: float  # Jaccard of the two rows' features
+    contained: float  # share of the smaller row's features that the larger holds
 
 
 class NearIndex:
@@ -112,6 +117,8 @@ class NearIndex:
         self._vocab: dict[str, int] = {"": 0}  # word -> row of _word_sig; "" stands in for an empty row
         self._word_features: list[int] = [1]  # features per word
         self._new_words: list[str] = [""]
+        self._word_hashes: list[tuple[int, ...]] = []  # word id -> its features' crc32s, for the exact check
+        self._row_words: list[np.ndarray] = []  # row -> its word ids
         self._word_sig = np.zeros((0, num_perm), dtype=np.uint32)  # (words, perms)
         self._pending: list[int] = []  # word ids of the rows not signed yet, row after row
         self._sizes: list[int] = []  # words per pending row
@@ -136,6 +143,7 @@ class NearIndex:
             ids = list(map(vocab.__getitem__, found))
         self._empty.append(not ids)
         self._features.append(sum(map(counts.__getitem__, ids)))
+        self._row_words.append(np.array(ids or [0], dtype=np.int32))
         self._pending += ids or [0]
         self._sizes.append(len(ids) or 1)
         if len(self._sizes) >= BATCH:
@@ -155,6 +163,7 @@ class NearIndex:
     def _flush(self) -> None:
         if self._new_words:
             features = [[zlib.crc32(f.encode("utf-8")) for f in _word_features(w)] for w in self._new_words]
+            self._word_hashes += map(tuple, features)
             flat = np.fromiter((h for fs in features for h in fs), dtype=np.uint64)
             signed = self._minhash(flat, np.array([len(fs) for fs in features]))
             self._word_sig = np.concatenate([self._word_sig, signed])
@@ -211,12 +220,24 @@ class NearIndex:
             # |A & B| = J (|A| + |B|) / (1 + J): the share of the smaller row found in the larger.
             small = np.minimum(sizes[earlier], sizes[later])
             contained = np.minimum(jaccard * (sizes[earlier] + sizes[later]) / ((1 + jaccard) * small), 1.0)
-            hit = (jaccard >= self.threshold) | ((contained >= containment_threshold(self.threshold))
-                                                 & (small >= MIN_CONTAINED))
-            found.append(np.stack([earlier[hit], later[hit], jaccard[hit], contained[hit]], axis=1))
-        if not found:
-            return []
-        hits = np.concatenate(found)
-        hits = hits[np.lexsort((hits[:, 0], hits[:, 1]))]  # by later row, then earlier
-        _, first = np.unique(hits[:, 1], return_index=True)  # each later row's earliest partner
-        return [NearPair(int(e), int(lt), float(j), float(c)) for e, lt, j, c in hits[first]]
+            near_rule = (jaccard >= self.threshold - VERIFY_MARGIN) | (
+                (contained >= containment_threshold(self.threshold) - VERIFY_MARGIN) & (small >= MIN_CONTAINED))
+            for e, lt in zip(earlier[near_rule], later[near_rule]):
+                exact = self._exact(int(e), int(lt))
+                if exact is not None:
+                    found.append(exact)
+        found.sort(key=lambda pair: (pair.later, pair.earlier))
+        first: dict[int, NearPair] = {}
+        for pair in found:  # each later row's earliest partner
+            first.setdefault(pair.later, pair)
+        return list(first.values())
+
+    def _exact(self, earlier: int, later: int) -> NearPair | None:
+        """The pair, scored on the two rows' feature sets, if it meets either rule; else None."""
+        a, b = (set().union(*(self._word_hashes[w] for w in self._row_words[r])) for r in (earlier, later))
+        shared = len(a & b)
+        jaccard, small = shared / len(a | b), min(len(a), len(b))
+        contained = shared / small
+        if jaccard >= self.threshold or (contained >= containment_threshold(self.threshold) and small >= MIN_CONTAINED):
+            return NearPair(earlier, later, jaccard, contained)
+        return None
