@@ -4,6 +4,7 @@ data with their rows; `data.dedup`, `data.language_filter` and `data.pii` drop o
 from __future__ import annotations
 
 import hashlib
+import json
 
 from click.testing import CliRunner
 
@@ -160,3 +161,42 @@ def test_a_near_threshold_outside_0_1_is_one_line_exit_2(make_recipe):
         assert result.output.count("error:") == 1 and "Traceback" not in result.output
         line = next(n for n, text in enumerate(recipe.read_text().splitlines(), 1) if "near_threshold" in text)
         assert f"{recipe}:{line}: data.near_threshold:" in result.output
+
+
+def faq_texts() -> list[str]:
+    from importlib.resources import files
+
+    lines = (files("zaragoza_construction_faq") / "data/faq-en-sharegpt.jsonl").read_text(encoding="utf-8")
+    return [" ".join(turn["value"] for turn in json.loads(line)["conversations"]) for line in lines.splitlines()]
+
+
+def test_related_but_distinct_faq_answers_are_not_taken_for_near_duplicates():
+    """The MinHash estimate alone paired three FAQ answers on shared topics (exact Jaccard 0.15-0.60): a pair near
+    the rule is decided on the rows' exact features, and the similarity shown is the exact one."""
+    from lora_chat.data.hygiene.duplicates import NearIndex, words
+
+    texts = faq_texts()
+    index = NearIndex(0.8, seed=42)
+    for text in texts:
+        index.add(text)
+    assert index.pairs() == []
+    edited = texts[10] + " Ask the municipality first."
+    index.add(edited)
+    (pair,) = index.pairs()
+    a, b = words(texts[10]), words(edited)
+    assert (pair.earlier, pair.later) == (10, len(texts))
+    assert pair.similarity == len(a & b) / len(a | b) and pair.contained == 1.0
+
+
+def test_a_mail_address_at_a_reserved_example_domain_is_not_personal_data():
+    from lora_chat.data.hygiene.pii import find_pii
+
+    assert find_pii("pattern matches user@example.com and test@mail.example") == []
+    assert [m.kind for m in find_pii("skriv till anna.berg@telia.com")] == ["EMAIL"]
+
+
+def test_a_bare_yaml_off_for_dedup_means_off(make_recipe):
+    recipe = make_recipe()
+    recipe.write_text(recipe.read_text().replace("data:\n", "data:\n  dedup: off\n", 1))
+    result = run("validate", recipe)
+    assert result.exit_code == 0, result.output
