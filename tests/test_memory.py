@@ -123,6 +123,19 @@ def test_offload_on_a_cpu_trains_with_plain_checkpointing_and_says_so(make_recip
     assert metrics["train"]["gradient_checkpointing"] is True
 
 
+def test_a_run_records_its_peak_memory_in_metrics_json(make_recipe):
+    """On a CPU the peak RSS; on CUDA what the caching allocator reserved and allocated (tests/test_gpu.py)."""
+    import resource
+
+    recipe = make_recipe(training={"max_steps": 1})
+    result = CliRunner().invoke(main, ["finetune", str(recipe)])
+    assert result.exit_code == 0, result.output
+    peak = json.loads((recipe.parent / "adapters" / "test-run" / "metrics.json").read_text())["train"]["peak_memory"]
+    assert peak["device"] == "cpu"
+    # bytes, not getrusage's KiB: a Python with torch loaded holds well over 100 MiB
+    assert 100 * 2**20 < peak["peak_rss_bytes"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def test_auto_offloads_only_where_nothing_else_fits():
     from lora_chat.plan.memory import LINEARS, Setup, Shape, auto_checkpointing, estimate
 

@@ -80,6 +80,22 @@ def decide(loaded: LoadedRecipe, stats, base, dtype) -> Checkpointing:
                                                f"{'over' if chosen.checkpointing else 'within'} {share}")
 
 
+def peak_memory() -> dict[str, int | str]:
+    """This process's peak memory so far, for metrics.json: on CUDA what PyTorch's caching allocator reserved and
+    allocated (`lorachat plan`'s `reserved_gib` estimates the first), on a CPU the peak resident set."""
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"device": "cuda", "max_reserved_bytes": torch.cuda.max_memory_reserved(),
+                "max_allocated_bytes": torch.cuda.max_memory_allocated()}
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"device": "cpu", "peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
+
+
 def device_memory() -> tuple[str, int]:
     """("cuda", the card's memory) or ("cpu", this process's share of the RAM the machine or container allows)."""
     import torch

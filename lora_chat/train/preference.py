@@ -36,7 +36,7 @@ from rich.console import Console
 from ..errors import DataError, LorachatError, Where
 from ..recipe import LoadedRecipe
 from ..templates import ChatTemplate, Encoded
-from . import distributed
+from . import checkpointing, distributed
 from .collate import Collator, to_rows
 from .run import FinetuneRun, Options, Plan, _last_logged_loss, build_model, finetune as run_finetune
 
@@ -352,7 +352,8 @@ class PreferenceRun(FinetuneRun):
             "epochs": round(state.epoch or 0.0, 4), "tokens": self.meter.total_tokens,
             "gradient_checkpointing": self.checkpointing.on,
             "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
-            "pairs": len(pairs.chosen), "pairs_dropped": sum(pairs.dropped.values())}}
+            "pairs": len(pairs.chosen), "pairs_dropped": sum(pairs.dropped.values()),
+            "peak_memory": checkpointing.peak_memory()}}
         metrics["train"] = {k: v for k, v in metrics["train"].items() if v is not None}
         if self.pairs["eval"].chosen:
             values = self.trainer.evaluate()

@@ -283,7 +283,8 @@ class FinetuneRun:
             "epochs": round(state.epoch or 0.0, 4), "tokens": self.meter.total_tokens,
             "gradient_checkpointing": self.checkpointing.on,
             "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
-            "samples": len(self.prepared.train), "rows": len(self.train_rows)}}
+            "samples": len(self.prepared.train), "rows": len(self.train_rows),
+            "peak_memory": checkpointing.peak_memory()}}
         if self.eval_rows:
             logged = [h for h in state.log_history if "eval_loss" in h and h.get("step") == state.global_step]
             values = logged[-1] if logged else self.trainer.evaluate()

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerControl, TrainerState, get_scheduler
 from ...errors import RunFailed
 from ...templates import IGNORE
 from .. import checkpoints
+from ..checkpointing import peak_memory
 from ..callbacks import StepLog, StepMeter, truncate_log
 from ..collate import Row
 from ..run import OPTIMIZERS, _steps, output_dir, save_weights
@@ -212,7 +213,8 @@ class Member:
         metrics: dict[str, Any] = {"train": {
             "loss": _last_logged_loss(self.log_path), "steps": self.step, "epochs": round(self.state.epoch or 0.0, 4),
             "tokens": self.meter.total_tokens, "gradient_checkpointing": self.checkpointing.on,
-            "runtime_s": round(runtime_s, 2), "samples": len(self.prepared.train), "rows": len(self.train_rows)}}
+            "runtime_s": round(runtime_s, 2), "samples": len(self.prepared.train), "rows": len(self.train_rows),
+            "peak_memory": peak_memory()}}  # the joint run's, shared by its adapters
         if self.eval_metrics is not None:
             metrics["eval"] = {"loss": self.eval_metrics["eval_loss"],
                                "perplexity": self.eval_metrics["eval_perplexity"],
