@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import chat, sample_rows, write_jsonl
 from safetensors.torch import load_file
-from train_helpers import finetune, losses, out_dir
+from train_helpers import finetune, losses, out_dir, slowed_cli
 
 from lora_chat.cli import main
 
@@ -189,17 +189,7 @@ def test_a_nan_stops_the_whole_run_when_its_recipe_says_so(recipes):
     assert not (out_dir(en) / "manifest.json").exists() and not (out_dir(sv) / "manifest.json").exists()
 
 
-SLOW_STEPS = """
-import sys, time
-from lora_chat.train.joint import loop
-step = loop.JointTrainer.train_step
-def slow(self, *a, **k):
-    time.sleep(0.3)
-    return step(self, *a, **k)
-loop.JointTrainer.train_step = slow
-from lora_chat.cli import main
-main(sys.argv[1:])
-"""
+SLOW_STEPS = slowed_cli("lora_chat.train.joint.loop", "JointTrainer", "train_step", 0.3)
 
 
 def test_resume_after_kill_9_resumes_every_adapter_exactly(recipes):

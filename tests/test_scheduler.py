@@ -20,24 +20,14 @@ import openai
 import pytest
 from click.testing import CliRunner
 
-from adapter_factory import quickstart_adapter, tiny_adapters
+from adapter_factory import quickstart_adapter
+from serve_fixtures import adapters, rt  # noqa: F401 (fixtures)
 from lora_chat.cli import main
 from lora_chat.runtime import AdapterSet, Completion, Request, Sampling
 from lora_chat.runtime.scheduler import QueueFull, Scheduler
 from lora_chat.serve.app import BackgroundServer, ServeOptions, build_app, stopping
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    return tiny_adapters(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def rt(adapters):
-    _, en, sv = adapters
-    return AdapterSet.open([en, sv])
 
 
 def run_alone(rt, requests: list[Request]) -> list[Completion]:

@@ -14,22 +14,9 @@ import openai
 import pytest
 from click.testing import CliRunner
 
-from adapter_factory import tiny_adapters
+from serve_fixtures import adapters, rt  # noqa: F401 (fixtures)
 from lora_chat.cli import main
 from lora_chat.serve.app import BackgroundServer
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    return tiny_adapters(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def rt(adapters):
-    from lora_chat.runtime import AdapterSet
-
-    _, en, sv = adapters
-    return AdapterSet.open([en, sv])
 
 
 def _serve(rt, **options):

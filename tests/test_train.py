@@ -14,19 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import finetune, log_lines, losses, out_dir
+from train_helpers import finetune, log_lines, losses, out_dir, slowed_cli
 
-SLOW_STEPS = """
-import sys, time
-from lora_chat.train import trainer
-step = trainer.LorachatTrainer.training_step
-def slow(self, *a, **k):
-    time.sleep(0.25)
-    return step(self, *a, **k)
-trainer.LorachatTrainer.training_step = slow
-from lora_chat.cli import main
-main(sys.argv[1:])
-"""
+SLOW_STEPS = slowed_cli("lora_chat.train.trainer", "LorachatTrainer", "training_step", 0.25)
 
 
 def start_slow(recipe: Path, *flags: str) -> subprocess.Popen:

@@ -25,3 +25,19 @@ def losses(out: Path) -> dict[int, float]:
 
 def out_dir(recipe: Path) -> Path:
     return Path(yaml.safe_load(recipe.read_text())["output"]["dir"])
+
+
+def slowed_cli(module: str, cls: str, method: str, seconds: float) -> str:
+    """A `python -c` program: lorachat's CLI with `module.cls.method` sleeping `seconds` first, so a test can
+    signal or kill the run between steps."""
+    return f"""
+import sys, time
+from {module.rsplit('.', 1)[0]} import {module.rsplit('.', 1)[1]} as target
+step = target.{cls}.{method}
+def slow(self, *a, **k):
+    time.sleep({seconds})
+    return step(self, *a, **k)
+target.{cls}.{method} = slow
+from lora_chat.cli import main
+main(sys.argv[1:])
+"""
