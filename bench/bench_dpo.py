@@ -21,7 +21,6 @@ reference is precomputed, the reference pass (it is work the run needs; TRL's de
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import MODEL, _data_file, measure  # noqa: E402 - the shared subprocess runner and FAQ rows
+from cli import bench_main  # noqa: E402
 
 KINDS = ("sft", "lorachat-dpo", "trl-dpo", "trl-dpo-tuned")
 
@@ -140,17 +140,8 @@ def results(quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 rows, one run a side, no tuned TRL row.")
-    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, args.steps)
-        return
-    for r in results(args.quick):
-        print(f"{r['name']:58s} {r['value']:>9} {r['unit']:10s} vs {r['baseline_value']:>9}: {r['ratio']:.2f}x "
-              f"(goal {r['goal']})")
+    bench_main(__doc__, "32 rows, one run a side, no tuned TRL row.", KINDS,
+               lambda args: worker(args.worker, args.steps), results)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ fresh process. Peak RSS has no CUDA context and includes Python and the librarie
 training adds: the peak RSS of the steps (VmHWM, reset through /proc/self/clear_refs after loading) minus the
 RSS before them, against the estimate without weights and adapter, plus a CPU context measured the same way on a
 one-layer model too small for its tensors to count (CONTEXT_RUN: what the first steps add by themselves, as the
-CUDA context does on a GPU). The workers run with glibc's mmap threshold pinned (TENSORS_ONLY, below), so the RSS
-counts the tensors and not glibc's cache of freed blocks.
+CUDA context does on a GPU). Each run is measured twice: as users run it (glibc's allocator as it comes), which is
+what the goal is judged on, and with glibc's mmap threshold pinned (TENSORS_ONLY, below), which counts the tensors
+alone and shows how much of the gap is glibc's cache of freed blocks.
 
-plan_error is the largest relative error over all of them; goal <= 25%.
+plan_error is the largest relative error over the published runs and the CPU runs as users run them; goal <= 25%.
 """
 
 from __future__ import annotations
@@ -156,44 +157,45 @@ def worker(model_name: str, batch: int, length: int, checkpointing: bool) -> dic
             "added": _rss("VmHWM") - before}
 
 
-def _measure(run: tuple) -> dict:
-    model_name, batch, length, ckpt = run
+def _measure(run: tuple, pinned: bool) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(run)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **TENSORS_ONLY})
+                          env={**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(TENSORS_ONLY if pinned else {})})
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     raise SystemExit(f"plan worker {run} failed:\n{proc.stderr[-3000:]}")
 
 
-def cpu_errors(quick: bool) -> list[dict]:
+def cpu_errors(quick: bool, pinned: bool) -> list[dict]:
     rows = []
-    context = _measure(CONTEXT_RUN)["added"]
+    context = _measure(CONTEXT_RUN, pinned)["added"]
+    allocator = "glibc's mmap threshold pinned" if pinned else "as users run it"
     for run in QUICK_RUNS if quick else CPU_RUNS:
         model_name, batch, length, ckpt = run
-        got = _measure(run)
+        got = _measure(run, pinned)
         shape = Shape.from_config(got["config"], None)
         setup = Setup(compute_bytes=got["dtype_bytes"], quantization="none", rank=RANK, targets=LINEARS,
                       variant="lora", dropout=DROPOUT, optimizer="adamw", batch=batch, seq_len=length,
                       trained_share=TRAINED_SHARE, checkpointing=ckpt, packing=False, device="cpu")
         bd = estimate(shape, setup)
         ours = bd.total - bd.weights - bd.adapter + context
-        rows.append({"run": f"{model_name} bs{batch}x{length}{' ckpt' if ckpt else ''}", "source": f"this CPU, peak RSS (estimate + {context / 2**20:.0f} MB CPU context)",
+        rows.append({"run": f"{model_name} bs{batch}x{length}{' ckpt' if ckpt else ''}", "source": f"this CPU, {allocator}, peak RSS (estimate + {context / 2**20:.0f} MB CPU context)",
                      "published_gib": got["added"] / GIB, "estimate_gib": ours / GIB,
                      "error": ours / got["added"] - 1})
     return rows
 
 
 def results(quick: bool) -> list[dict]:
-    published, measured = published_errors(), cpu_errors(quick)
+    published, measured, tensors = published_errors(), cpu_errors(quick, pinned=False), cpu_errors(quick, pinned=True)
     out = []
     for name, rows in (("plan_error_published", published), ("plan_error_cpu", measured),
-                       ("plan_error", published + measured)):
+                       ("plan_error_cpu_tensors_only (information)", tensors), ("plan_error", published + measured)):
         worst = max(abs(r["error"]) for r in rows)
         out.append({"name": name, "value": round(100 * worst, 1), "unit": "% max |error|",
                     "baseline": f"{len(rows)} runs' peak memory", "baseline_value": None, "ratio": None,
-                    "goal": "<= 25 %"})
-    out[-1]["details"] = published + measured
+                    "goal": "(info)" if "information" in name else "<= 25 %"})
+    out[-1]["details"] = published + measured + tensors
     return out
 
 

@@ -10,13 +10,15 @@ held-out eval loss (rows neither side trains on).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cli import bench_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "qlora.yaml"
@@ -90,18 +92,8 @@ def results(quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8 optimizer steps a run instead of 16.")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=16, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, args.seed, args.steps)
-        return
-    for r in results(args.quick):
-        print(f"{r['name']:58s} {r['value']:>8} {r['unit']} vs {r['baseline_value']:>8} ({r['baseline']}): "
-              f"{r['ratio']}x (goal {r['goal']})")
+    bench_main(__doc__, "8 optimizer steps a run instead of 16.", SIDES,
+               lambda args: worker(args.worker, args.seed, args.steps), results, {"--seed": {"type": int}})
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ step here).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -38,6 +37,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cli import bench_main  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DATA = "data/faq-en-sharegpt.jsonl"  # in the zaragoza_construction_faq package
@@ -171,17 +173,8 @@ def results(quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 optimizer step, lorachat vs TRL in its dtype only.")
-    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, args.steps)
-        return
-    for r in results(args.quick):
-        print(f"{r['name']:42s} {r['value']:>9} {r['unit']:5s} vs {r['baseline_value']:>9} ({r['baseline']}): "
-              f"{r['ratio']:.2f}x (goal {r['goal']})")
+    bench_main(__doc__, "1 optimizer step, lorachat vs TRL in its dtype only.", KINDS,
+               lambda args: worker(args.worker, args.steps), results)
 
 
 if __name__ == "__main__":
