@@ -117,6 +117,7 @@ def worker(model_name: str, batch: int, length: int, checkpointing: bool) -> dic
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     from lora_chat.models import load_model, pick_dtype, resolve_base
+    from lora_chat.train.lora_compute import compute_lora_in_base_dtype
     from lora_chat.train.loss import TrainedPositions, token_loss_sum
 
     torch.manual_seed(0)
@@ -133,6 +134,7 @@ def worker(model_name: str, batch: int, length: int, checkpointing: bool) -> dic
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=DROPOUT,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
+    compute_lora_in_base_dtype(model, dtype)  # as lorachat trains (plan's Setup assumes it)
     model.train()
     selector = TrainedPositions(model.get_output_embeddings())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
