@@ -268,3 +268,14 @@ def test_eval_without_preference_data_has_no_pair_section(adapter, tmp_path):
                                        "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     assert "pairs" not in json.loads((tmp_path / "eval" / "report.json").read_text())
+
+
+def test_pii_mask_masks_the_rejected_reply_too(make_recipe):
+    """The rejected reply is trained against: personal data in it is found and masked like the chosen one's."""
+    rows = [{"prompt": f"Who do I call, case {i}?", "chosen": "The building committee.",
+             "rejected": "Mail anna.lindqvist@telia.com or ring 070-123 45 67."} for i in range(4)]
+    recipe = make_recipe(rows, data={"pii": "mask", "eval": {"split": 0}})
+    pair = load_data(load_recipe(recipe)).train[0]
+    assert pair.meta["rejected"].content == "Mail <EMAIL> or ring <PHONE>."
+    result = CliRunner().invoke(main, ["validate", str(recipe)])
+    assert "personal data EMAIL in 4 rows" in result.output

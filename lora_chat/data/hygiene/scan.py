@@ -228,15 +228,24 @@ def _checked_language(loaded: LoadedRecipe, scan: bool) -> str | None:
     return code
 
 
+def _texts(conversation: Conversation) -> list:
+    """Every message a row trains on or is scored by: its turns and, in a preference row, the rejected reply."""
+    rejected = conversation.meta.get("rejected")
+    return [*conversation.messages, *([rejected] if rejected is not None else [])]
+
+
 def _pii_kinds(conversation: Conversation) -> list[str]:
     # One pass over the whole conversation: the finders' cheap tests then run once a row, not once a message.
-    return sorted({m.kind for m in find_pii("\n\n".join(m.content for m in conversation.messages))})
+    return sorted({m.kind for m in find_pii("\n\n".join(m.content for m in _texts(conversation)))})
 
 
 def _masked(conversation: Conversation, counts: Counter) -> Conversation:
-    messages = []
-    for message in conversation.messages:
+    def masked(message):
         text, found = mask_pii(message.content)
         counts.update(found)
-        messages.append(replace(message, content=text) if found else message)
-    return replace(conversation, messages=tuple(messages))
+        return replace(message, content=text) if found else message
+
+    meta = conversation.meta
+    if meta.get("rejected") is not None:  # the rejected reply is trained against: mask it as well
+        meta = {**meta, "rejected": masked(meta["rejected"])}
+    return replace(conversation, messages=tuple(masked(m) for m in conversation.messages), meta=meta)
