@@ -182,7 +182,8 @@ def cpu_errors(quick: bool, pinned: bool) -> list[dict]:
                       trained_share=TRAINED_SHARE, checkpointing=ckpt, packing=False, device="cpu")
         bd = estimate(shape, setup)
         ours = bd.total - bd.weights - bd.adapter + context
-        rows.append({"run": f"{model_name} bs{batch}x{length}{' ckpt' if ckpt else ''}", "source": f"this CPU, {allocator}, peak RSS (estimate + {context / 2**20:.0f} MB CPU context)",
+        rows.append({"run": f"{model_name} bs{batch}x{length}{' ckpt' if ckpt else ''}",
+                     "source": f"this CPU, {allocator}, peak RSS (estimate + {context / 2**20:.0f} MB CPU context)",
                      "published_gib": got["added"] / GIB, "estimate_gib": ours / GIB,
                      "error": ours / got["added"] - 1})
     return rows

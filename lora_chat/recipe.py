@@ -130,8 +130,8 @@ class Data(_Section):
 
     near_threshold: float = Field(
         0.8, gt=0, le=1, description="Similarity (MinHash estimate of the Jaccard of two conversations' words "
-        "and word pieces, checked exactly near the threshold) from which they are near-duplicates, in (0, 1]; a conversation also is one when another "
-        "holds (1 + threshold) / 2 of it (a sentence or a turn added).")
+        "and word pieces, checked exactly near the threshold) from which they are near-duplicates, in (0, 1]; "
+        "a conversation also is one when another holds (1 + threshold) / 2 of it (a sentence or a turn added).")
     language_filter: bool = Field(
         False, description="Drop conversations not in output.language (the router's language identifier); "
         "validate reports them either way.")

@@ -212,7 +212,8 @@ class NearIndex:
             edges.append(ids[first[linked]].astype(np.int64) * n + ids[order[linked]])  # (earlier, later) as one int
         codes = np.unique(np.concatenate(edges))
         sizes = np.array(self._features, dtype=np.float64)
-        found = []
+        found: list[NearPair] = []
+        feature_sets: dict[int, set[int]] = {}
         for start in range(0, len(codes), CHECK_PAIRS):
             chunk = codes[start:start + CHECK_PAIRS]
             earlier, later = chunk // n, chunk % n
@@ -220,10 +221,9 @@ class NearIndex:
             # |A & B| = J (|A| + |B|) / (1 + J): the share of the smaller row found in the larger.
             small = np.minimum(sizes[earlier], sizes[later])
             contained = np.minimum(jaccard * (sizes[earlier] + sizes[later]) / ((1 + jaccard) * small), 1.0)
-            near_rule = (jaccard >= self.threshold - VERIFY_MARGIN) | (
-                (contained >= containment_threshold(self.threshold) - VERIFY_MARGIN) & (small >= MIN_CONTAINED))
+            near_rule = self._meets(jaccard, contained, small, margin=VERIFY_MARGIN)
             for e, lt in zip(earlier[near_rule], later[near_rule]):
-                exact = self._exact(int(e), int(lt))
+                exact = self._exact(int(e), int(lt), feature_sets)
                 if exact is not None:
                     found.append(exact)
         found.sort(key=lambda pair: (pair.later, pair.earlier))
@@ -232,12 +232,18 @@ class NearIndex:
             first.setdefault(pair.later, pair)
         return list(first.values())
 
-    def _exact(self, earlier: int, later: int) -> NearPair | None:
-        """The pair, scored on the two rows' feature sets, if it meets either rule; else None."""
-        a, b = (set().union(*(self._word_hashes[w] for w in self._row_words[r])) for r in (earlier, later))
+    def _meets(self, jaccard, contained, small, margin: float = 0.0):
+        """Either rule (Jaccard, or containment of a row large enough), on numbers or on numpy arrays of them."""
+        return (jaccard >= self.threshold - margin) | (
+            (contained >= containment_threshold(self.threshold) - margin) & (small >= MIN_CONTAINED))
+
+    def _exact(self, earlier: int, later: int, feature_sets: dict[int, set[int]]) -> NearPair | None:
+        """The pair, scored on the two rows' feature sets (built once per row in `feature_sets`), if it meets a rule."""
+        for r in (earlier, later):
+            if r not in feature_sets:
+                feature_sets[r] = set().union(*(self._word_hashes[w] for w in self._row_words[r]))
+        a, b = feature_sets[earlier], feature_sets[later]
         shared = len(a & b)
         jaccard, small = shared / len(a | b), min(len(a), len(b))
         contained = shared / small
-        if jaccard >= self.threshold or (contained >= containment_threshold(self.threshold) and small >= MIN_CONTAINED):
-            return NearPair(earlier, later, jaccard, contained)
-        return None
+        return NearPair(earlier, later, jaccard, contained) if self._meets(jaccard, contained, small) else None

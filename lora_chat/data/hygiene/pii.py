@@ -136,8 +136,8 @@ _SECRET_NAMES = ("key", "secret", "token", "passw", "lösenord")
 _DIGIT_RUN = re.compile(r"\d(?:[ -]?\d){5,}")  # six digits or more, single spaces or dashes between
 # RFC 2606 / 6761 reserve these for documentation and examples: no one receives mail there, so nothing to hide
 # (a regex tutorial's `user@example.com` stays as written).
-_RESERVED_MAIL_DOMAIN = re.compile(r"@(?:[\w-]+\.)*(?:example\.(?:com|org|net)|[\w-]+\.(?:example|test|invalid|localhost))$",
-                                   re.IGNORECASE)
+_RESERVED_MAIL_DOMAIN = re.compile(
+    r"@(?:[\w-]+\.)*(?:example\.(?:com|org|net)|[\w-]+\.(?:example|test|invalid|localhost))$", re.IGNORECASE)
 _WITH_AT: tuple[_Finder, ...] = (_regex(_EMAIL, "EMAIL", lambda s: not _RESERVED_MAIL_DOMAIN.search(s)),)
 _WITH_DOTTED_DIGITS: tuple[_Finder, ...] = (_regex(_IPV4, "IP", _ip),)
 _WITH_DIGIT_RUN: tuple[_Finder, ...] = (
