@@ -207,6 +207,69 @@ def test_an_interrupted_dpo_run_resumes_to_the_same_losses(dpo_recipe, monkeypat
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step
 
 
+class _FirstBatch(Exception):
+    """Raised from a run's fit once the test has what it came for: no need to train."""
+
+
+def _grads_of_a_training_step(recipe: Path, monkeypatch, step) -> dict[str, torch.Tensor]:
+    """`step(trainer, batch)` on the run's first training batch with the LoRA's B drawn at random (as after some
+    training), then each LoRA weight's gradient."""
+    from lora_chat.train.preference import PreferenceRun
+
+    grads = {}
+
+    def fit(self):
+        batch = self.trainer._prepare_inputs(next(iter(self.trainer.get_train_dataloader())))
+        self.trainer.model.train()
+        self.trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets before each step
+        with torch.no_grad():  # B = 0 at init would make every LoRA input (and its dropout) invisible
+            for name, p in self.trainer.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.2, generator=torch.Generator().manual_seed(0))
+        step(self.trainer, batch)
+        grads.update({n: p.grad.clone() for n, p in self.trainer.model.named_parameters() if p.requires_grad})
+        raise _FirstBatch
+
+    monkeypatch.setattr(PreferenceRun, "fit", fit)
+    with pytest.raises(_FirstBatch):
+        _run(recipe)
+    return grads
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_a_step_in_two_passes_has_the_gradient_of_the_pair_loss_in_one(dpo_recipe, monkeypatch, method):
+    from lora_chat.train.preference import sequence_logps
+
+    def one_pass(trainer, batch):  # both sides in one forward and one backward: the coupled loss as written
+        chosen, rejected = sequence_logps(trainer.model, trainer.selector, batch).chunk(2)
+        trainer._per_pair(chosen, rejected, batch)[0].mean().backward()
+
+    training = {**PAIR_TRAINING, "method": method, "batch_size": 3}
+    base = {"dtype": "float32"}
+    split = _grads_of_a_training_step(dpo_recipe(name="split", training=training, base=base), monkeypatch,
+                                      lambda trainer, batch: trainer.training_step(trainer.model, batch))
+    whole = _grads_of_a_training_step(dpo_recipe(name="whole", training=training, base=base), monkeypatch,
+                                      one_pass)
+    assert split.keys() == whole.keys() and split
+    assert any(g.abs().max() > 0 for g in whole.values())
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_rejected_side_draws_the_same_dropout_in_its_gradient_pass(dpo_recipe, monkeypatch):
+    from lora_chat.train import preference
+
+    real, scored = preference.sequence_logps, []
+    monkeypatch.setattr(preference, "sequence_logps",
+                        lambda model, selector, batch: scored.append(real(model, selector, batch)) or scored[-1])
+    recipe = dpo_recipe(training={**PAIR_TRAINING, "batch_size": 3}, base={"dtype": "float32"},
+                        lora={"dropout": 0.5})
+    _grads_of_a_training_step(recipe, monkeypatch, lambda trainer, batch: trainer.training_step(trainer.model, batch))
+    rejected_value, chosen, rejected = scored[-3:]  # the step's three passes
+    assert torch.equal(rejected_value, rejected.detach())
+    assert not torch.equal(chosen.detach(), rejected.detach())
+
+
 def test_dpo_from_an_sft_adapter_starts_from_it_and_uses_it_as_reference(dpo_recipe):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -10,9 +10,10 @@ The trainer is TRL's `DPOTrainer`, subclassed where TRL 1.16 has no switch:
   - `_prepare_dataset` is the identity: the rows arrive tokenized and masked by lorachat (TRL would re-render them
     with `apply_chat_template` and take everything after the prompt's tokens as the completion, trailing layout
     whitespace included; DPOConfig has no `skip_prepare_dataset` as SFTConfig has);
-  - the loss is lorachat's: one forward over the 2B sides, the LM head applied at reply positions only, a chunk of
-    rows at a time (loss.py), and the per-side sums fed to DPO's sigmoid loss or ORPO's odds-ratio loss. TRL's own
-    fused head also computes per-token entropy, mean logits and top-1 hits for its metrics at every step.
+  - the loss is lorachat's: the LM head applied at reply positions only, a chunk of rows at a time (loss.py), and
+    the per-side sums fed to DPO's sigmoid loss or ORPO's odds-ratio loss; in training the two sides run in two
+    backward passes (pair_passes.py), so a step holds one side's activations, not both. TRL's own fused head
+    also computes per-token entropy, mean logits and top-1 hits for its metrics at every step.
 The reference is never a second model: with `precompute_ref_log_probs` TRL scores every pair once with the
 reference before the first step, and the reference is the policy's starting point: the base with the adapter
 disabled for a fresh adapter (B = 0), or, with `base.adapter`, that adapter's weights (TRL's convention for a PEFT
@@ -182,6 +183,7 @@ def _trainer_class():
 
     from .lora_compute import compute_lora_in_base_dtype
     from .loss import TrainedPositions
+    from .pair_passes import two_passes
     from .trainer import RunHooks
 
     class PreferenceTrainer(RunHooks, DPOTrainer):
@@ -218,17 +220,17 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
-            chosen, rejected = sequence_logps(model, self.selector, inputs).chunk(2)  # (B,), (B,)
-            if self.method == "dpo":
-                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-                margin = self.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))  # (B,)
-                per_pair = -F.logsigmoid(margin)
-            else:  # orpo (Hong et al. 2024, eq. 6-7; as trl.experimental.orpo): NLL of the chosen reply plus
-                # beta x the odds-ratio term, on per-token mean log-probs
-                trained = (inputs["shift_labels"] != -100).sum(dim=1).clamp(min=1)  # (2B,)
-                mean_c, mean_r = chosen / trained[:len(chosen)], rejected / trained[len(chosen):]
-                margin = (mean_c - _log1mexp(mean_c)) - (mean_r - _log1mexp(mean_r))  # log odds ratio
-                per_pair = -mean_c - self.beta * F.logsigmoid(margin)
+            if mode == "train" and torch.is_grad_enabled():
+                # One side's activations at a time (pair_passes.py): a DPO step holds what an SFT step holds.
+                chosen, rejected = two_passes(
+                    lambda rows: sequence_logps(model, self.selector, rows),
+                    lambda c, r: self._per_pair(c, r, inputs)[0].mean(), inputs,
+                    # Trainer.training_step scales the loss it backpropagates so (DPOTrainer's loss is unscaled).
+                    lambda loss: self.accelerator.backward(loss / self.current_gradient_accumulation_steps),
+                    lambda: self.accelerator.no_sync(model))
+            else:
+                chosen, rejected = sequence_logps(model, self.selector, inputs).chunk(2)  # (B,), (B,)
+            per_pair, margin = self._per_pair(chosen, rejected, inputs)
             loss_sum = per_pair.sum()
             self._stop_if_not_finite(loss_sum)
             if mode == "train":
@@ -237,6 +239,19 @@ def _trainer_class():
             self._metrics[mode]["rewards/margins"].append(margin.mean().item())
             loss = loss_sum / len(per_pair)
             return (loss, None) if return_outputs else loss
+
+        def _per_pair(self, chosen, rejected, inputs):
+            """(loss, margin) per pair from each side's summed log-probability of its reply."""
+            if self.method == "dpo":
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+                margin = self.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))  # (B,)
+                return -F.logsigmoid(margin), margin
+            # orpo (Hong et al. 2024, eq. 6-7; as trl.experimental.orpo): NLL of the chosen reply plus beta x the
+            # odds-ratio term, on per-token mean log-probs
+            trained = (inputs["shift_labels"] != -100).sum(dim=1).clamp(min=1)  # (2B,)
+            mean_c, mean_r = chosen / trained[:len(chosen)], rejected / trained[len(chosen):]
+            margin = (mean_c - _log1mexp(mean_c)) - (mean_r - _log1mexp(mean_r))  # log odds ratio
+            return -mean_c - self.beta * F.logsigmoid(margin), margin
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if self.model.training:
