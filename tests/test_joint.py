@@ -117,6 +117,49 @@ def test_gradients_of_a_row_reach_only_its_own_adapter(tiny_base):
     assert torch.allclose(mixed[1], both[1], atol=1e-6) and not torch.allclose(mixed[0], both[0], atol=1e-4)
 
 
+def _saved_activation_bytes(model, ids, names: list[str] | None = None) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one forward (routed by `names`, if given)."""
+    import contextlib
+
+    from lora_chat.train.joint.layer import route
+
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+            (route(names) if names else contextlib.nullcontext()):
+        model(input_ids=ids, use_cache=False)
+    return sum(storages.values())
+
+
+def test_a_mixed_micro_batch_keeps_the_activations_of_one_adapters_batch(tiny_base):
+    """Four adapters sharing a micro-batch save what PEFT's own forward saves for one adapter on the same rows (no
+    per-adapter copies of the layers' inputs or outputs): a joint run's memory is one run's plus the adapters'."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_chat.train.joint.layer import use_mixed_forward
+    from lora_chat.train.run import lora_config
+    from lora_chat.recipe import Lora
+
+    def model_with(names):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_base)), lora_config(Lora(r=4, alpha=8)))
+        for name in names[1:]:
+            model.add_adapter(name, lora_config(Lora(r=4, alpha=8)))
+        return model.train()
+
+    ids = torch.randint(0, 100, (4, 256))
+    alone = _saved_activation_bytes(model_with(["default"]), ids)
+    names = ["default", "b", "c", "d"]
+    joint = model_with(names)
+    use_mixed_forward(joint, names)
+    mixed = _saved_activation_bytes(joint, ids, names)
+    assert mixed <= 1.05 * alone, (mixed, alone)
+
+
 def test_progress_shows_a_line_per_adapter_and_the_runs_tokens_per_second(recipes):
     result = finetune(recipes("en"), recipes("sv", SWEDISH))
     assert result.exit_code == 0, result.output
