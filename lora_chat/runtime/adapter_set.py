@@ -21,8 +21,9 @@ What is loaded, and from where:
 Thread safety: `lock` (re-entrant) guards the model. `generate` holds it for a whole batch, `load` and
 `unload` take it too, so an adapter never disappears under a running batch. Rows pick their adapter
 by name in the batch itself (PEFT's `adapter_names=`), so no caller ever flips a global active
-adapter that another caller's request would see. Concurrency comes from batching (serve's batcher
-gathers requests into one `generate` call), not from parallel forwards.
+adapter that another caller's request would see; every LoRA layer computes such a batch in two matmuls
+over its adapters' stacked matrices (`gathered_lora`), restacked at each load and unload. Concurrency
+comes from batching (serve's scheduler), not from parallel forwards.
 """
 
 from __future__ import annotations
@@ -206,9 +207,12 @@ class AdapterSet:
         """Detach an adapter (waits for a running batch to finish); the base cannot be unloaded."""
         if name == BASE:
             raise LorachatError("the base model cannot be unloaded", Where(field="name"))
+        from . import gathered_lora
+
         with self.lock:
             resident = self.get(name)
             self.model.delete_adapter(resident.peft_name)
+            gathered_lora.install(self.model)  # the adapter's matrices leave the stacks now, not at the next forward
             del self._residents[name]
 
     # ------------------------------------------------------------ using
@@ -261,6 +265,8 @@ class AdapterSet:
     def _attach(self, o: OpenedAdapter) -> Resident:
         from peft import PeftModel
 
+        from . import gathered_lora
+
         self._counter += 1
         key = f"a{self._counter}"
         kwargs = {"adapter_name": key}
@@ -282,6 +288,7 @@ class AdapterSet:
             raise LorachatError("DoRA adapters cannot share a mixed-adapter batch (PEFT refuses adapter_names "
                                 "with DoRA); merge it into the base with `lorachat merge` and load that",
                                 Where(o.info.path, None, "lora.variant"))
+        gathered_lora.install(self.model)
         recipe = o.loaded.recipe if o.loaded else None
         template = o.template(self.tokenizer) or self._base_template()
         resident = Resident(o.info.name, template, self._stop_ids(o.info.path), o.info.path, o.info, o.loaded,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -81,15 +81,21 @@ def invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, val
 
 def tiled_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, on fixed tiles of rows while `tiles(...)` is active, else the stock call."""
+    return tiled(functools.partial(_linear, module), x)
+
+
+def tiled(rowwise: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`rowwise(x)` for a function of rows (a matmul: (M, K) -> (M, N)), on fixed tiles of rows while `tiles(...)`
+    is active, else called once on `x` as it is."""
     tile = _tile.get()
     if tile is None:
-        return _linear(module, x)
+        return rowwise(x)
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
     rows = flat.shape[0]
     pad = -rows % tile
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])  # (M + pad, K)
-    out = torch.cat([_linear(module, t) for t in flat.split(tile)])
+    out = torch.cat([rowwise(t) for t in flat.split(tile)])
     return out[:rows].reshape(*x.shape[:-1], out.shape[-1])  # (..., N)
 
 
