@@ -10,7 +10,8 @@
 
 Modules by job: `adapter_set` (the base and its adapters: compatibility, loading, templates, stop ids,
 thread safety), `generate` (the decode loop: one forward per step for rows of different adapters,
-streaming, sampling, stops), `invariant` (attention that makes a row's result independent of the batch;
+streaming, sampling, stops), `gathered_lora` (a mixed-adapter batch's LoRA in two matmuls per layer),
+`invariant` (attention that makes a row's result independent of the batch;
 see docs/batch-invariance.md). Chat, serve and eval are built on these; none of them touches PEFT's
 adapter switching directly.
 """

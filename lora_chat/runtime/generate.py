@@ -5,8 +5,9 @@
     for delta in stream(rt, requests):      # token by token: Delta(row, text, finish_reason)
         ...
 
-Each step runs ONE forward over every unfinished row; PEFT routes each row through its own adapter's
-LoRA matrices (`adapter_names=`, its mixed-adapter batches) and the base weights are shared. Rows
+Each step runs ONE forward over every unfinished row; `adapter_names=` routes each row through its own
+adapter's LoRA matrices and the base weights are shared. Every LoRA layer computes the whole mixed batch in
+two matmuls over its adapters' stacked matrices (`gathered_lora`), not PEFT's loop over adapters. Rows
 finish on their own (a stop id, a stop string, max_tokens, or a cancelled request) and leave the
 batch, so the remaining steps get cheaper. Greedy replies are the same bits alone or batched when the
 set is batch-invariant (the default; see `invariant` and docs/batch-invariance.md).
@@ -16,13 +17,14 @@ Why our own loop and not what the stack offers (read in transformers 5.23 / PEFT
     set of sampling settings and stop strings for all rows, its streamers take batch size 1, and it
     reports no finish reason per row. Serve needs per-request temperature/top_p/seed/stop, a stream per
     row and `finish_reason`; eval needs replies that do not depend on the batch. Those are per-row
-    decisions between forwards, which is exactly this loop; the forward itself is still PEFT's.
+    decisions between forwards, which is exactly this loop; the forward itself is still PEFT's model (its
+    LoRA layers with the gathered forward of `gathered_lora`).
   - transformers' continuous batching (`generate_batch`, `ContinuousBatchingManager`, what
     `transformers serve` runs) schedules requests over a paged cache, but a request cannot name an
     adapter (no `adapter_names` path through its model runner), and its paged attention kernels are
     not the batch-invariant ones.
   - `transformers serve` is a server of its own, one model per request, switching adapters by loading.
-So: HF's model forward + DynamicCache + PEFT's adapter routing, and a small loop around them that
+So: HF's model forward + DynamicCache + PEFT's adapter routing (gathered per layer), and a small loop around them that
 samples each row with its own settings and seeded generator, detects stops and streams text deltas.
 
 Thread safety: the whole batch runs under `rt.lock`; rows pick adapters per row, nothing global is

@@ -40,7 +40,7 @@ scheduler (`FIFOScheduler`, `PrefillFirstScheduler`) and paged cache are close t
 follows (iteration-level scheduling, a token budget per step, chunked prefill), but its batches flatten
 every row's tokens into one ragged row with paged attention kernels, so a row's matmul tiles and attention
 reductions move with its neighbours (not batch-invariant), and no request can name an adapter: its model
-runner has no `adapter_names` path, which PEFT's mixed-adapter batches need. vLLM's scheduler adds
+runner has no `adapter_names` path, which the mixed-adapter batches (`gathered_lora`) need. vLLM's scheduler adds
 preemption and a block manager for a GPU's fixed memory; here a row's cache lives only while it runs and
 `max_running` bounds them.
 
