@@ -159,11 +159,11 @@ def intervals(row: dict, prefix: str = "") -> dict[str, dict]:
 def same_report(joint: dict, alone: dict) -> tuple[int, int]:
     """(figures of the joint adapters inside the alone adapters' 95% intervals, figures compared)."""
     inside = total = 0
-    by_name = {row["model"]: row for row in alone["models"]}
+    by_name = {row["name"]: row for row in alone["models"]}
     for row in joint["models"]:
-        if row["model"] == "base":
+        if "path" not in row:  # the base
             continue
-        theirs = intervals(by_name[row["model"]])
+        theirs = intervals(by_name[row["name"]])
         for name, figure in intervals(row).items():
             if name in theirs and figure["value"] is not None and theirs[name]["low"] is not None:
                 total += 1
