@@ -146,10 +146,10 @@ def eval_report(adapters: list[Path], out: Path, samples: int) -> dict:
 
 
 def intervals(row: dict, prefix: str = "") -> dict[str, dict]:
-    """Every {value, low, high} figure of a report row, by dotted name."""
+    """Every {value, ci95: [low, high]} figure of a report row, by dotted name."""
     found = {}
     for key, value in row.items():
-        if isinstance(value, dict) and {"value", "low", "high"} <= value.keys():
+        if isinstance(value, dict) and {"value", "ci95"} <= value.keys():
             found[prefix + key] = value
         elif isinstance(value, dict):
             found.update(intervals(value, f"{prefix}{key}."))
@@ -165,9 +165,10 @@ def same_report(joint: dict, alone: dict) -> tuple[int, int]:
             continue
         theirs = intervals(by_name[row["name"]])
         for name, figure in intervals(row).items():
-            if name in theirs and figure["value"] is not None and theirs[name]["low"] is not None:
+            low, high = theirs[name]["ci95"] if name in theirs else (None, None)
+            if figure["value"] is not None and low is not None:
                 total += 1
-                inside += theirs[name]["low"] - 1e-9 <= figure["value"] <= theirs[name]["high"] + 1e-9
+                inside += low - 1e-9 <= figure["value"] <= high + 1e-9
     return inside, total
 
 

@@ -36,21 +36,25 @@ def side(batch: dict, rows: slice) -> dict:
 
 def two_passes(logps: Callable[[dict], torch.Tensor], loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                batch: dict, backward: Callable[[torch.Tensor], None],
-               first_pass: Callable[[], AbstractContextManager[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+               first_pass: Callable[[], AbstractContextManager[Any]],
+               settle: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed log-probabilities (B,), (B,); the chosen side's gradient is already applied by
     `backward`, so `chosen` is detached and `rejected` carries its graph for the caller's loss and backward.
 
     `logps(side_batch)` scores one side; `loss(chosen, rejected)` is the scalar the trainer minimises;
     `first_pass()` wraps the chosen side's forward and backward (DDP's no_sync: gradients are reduced once, in
-    the caller's backward)."""
+    the caller's backward); `settle()` runs after each of the first two passes (host_memory.release_freed on a
+    CPU: the pass's freed blocks do not stay resident beside the next one's tensors)."""
     pairs = batch["input_ids"].shape[0] // 2
     chosen_rows, rejected_rows = side(batch, slice(0, pairs)), side(batch, slice(pairs, None))
     start = _rng_state()
     with torch.no_grad():
         rejected_value = logps(rejected_rows)
+    settle()
     with first_pass():
         chosen = logps(chosen_rows)
         backward(loss(chosen, rejected_value))
+    settle()
     after = _rng_state()
     _set_rng_state(start)
     rejected = logps(rejected_rows)

@@ -183,6 +183,7 @@ def _trainer_class():
 
     from .lora_compute import compute_lora_in_base_dtype
     from .loss import TrainedPositions
+    from .host_memory import release_freed
     from .pair_passes import two_passes
     from .trainer import RunHooks
 
@@ -227,7 +228,8 @@ def _trainer_class():
                     lambda c, r: self._per_pair(c, r, inputs)[0].mean(), inputs,
                     # Trainer.training_step scales the loss it backpropagates so (DPOTrainer's loss is unscaled).
                     lambda loss: self.accelerator.backward(loss / self.current_gradient_accumulation_steps),
-                    lambda: self.accelerator.no_sync(model))
+                    lambda: self.accelerator.no_sync(model),
+                    release_freed if self.args.device.type == "cpu" else lambda: None)
             else:
                 chosen, rejected = sequence_logps(model, self.selector, inputs).chunk(2)  # (B,), (B,)
             per_pair, margin = self._per_pair(chosen, rejected, inputs)

@@ -15,7 +15,7 @@ The runtime (runtime/adapter_set.py, runtime/generate.py) uses PEFT's path as it
 Here every adapter of the joint run is active and trainable (so PEFT's own forward would add all of them to every
 row), and each LoRA layer's forward is replaced, per instance, by `mixed_forward`: the frozen base layer once over
 the whole micro-batch, then for each adapter its rows through its own dropout, A and B, added out of place with
-`index_add` (without dropout, A runs over every row and its narrow output is what gets split: no copy of x). Autograd then sends a row's gradient only into the A and B that saw it, and the base
+`index_add`; neither the rows' inputs nor their deltas are copied for backward (`_RowsThrough`, `_AddRows`). Autograd then sends a row's gradient only into the A and B that saw it, and the base
 (frozen) is shared. The row groups are set once per micro-batch (`route`), as index tensors, for every layer.
 Adapters may differ in rank, alpha, targets (a layer an adapter does not target has no entry for it) and rsLoRA;
 DoRA and other PEFT variants, whose forward is not `B(A(x))`, are refused by the compatibility check.
@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 # (adapter name, row indices) pairs of the micro-batch being trained: set by `route` for forward and backward (a
 # checkpointed layer runs its forward again during backward).
@@ -61,17 +62,37 @@ def mixed_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
             continue
         lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
         # PEFT's input cast (train/lora_compute.py turns it off on a bf16 base) is a copy when it changes x
-        if isinstance(dropout, torch.nn.Identity) and layer._cast_input_dtype(x, lora_A.weight.dtype) is x:
-            # Every row through A, then this adapter's rows of the (B, T, r) result: autograd saves x itself,
-            # which the base layer holds already, where x[rows] would save a copy of every LoRA layer's input
-            # (measured: 1.5x the activations of one adapter's run). A is r wide, so the unused rows cost little.
-            projected = lora_A(x).index_select(0, rows)  # (b, T, r), b = this adapter's rows
+        if isinstance(dropout, torch.nn.Identity) and lora_A.bias is None \
+                and layer._cast_input_dtype(x, lora_A.weight.dtype) is x:
+            projected = _RowsThrough.apply(x, rows, lora_A.weight.to(x.dtype))  # (b, T, r)
         else:
-            sub = layer._cast_input_dtype(x.index_select(0, rows), lora_A.weight.dtype)
+            sub = layer._cast_input_dtype(x.index_select(0, rows), lora_A.weight.dtype)  # (b, T, in)
             projected = lora_A(dropout(sub))
         delta = lora_B(projected) * layer.scaling[name]  # (b, T, out)
         result = _AddRows.apply(result, rows, delta.to(result.dtype))
     return result
+
+
+class _RowsThrough(torch.autograd.Function):
+    """`x[rows] @ weight.T`, keeping x itself and the indices for backward. Autograd would keep the (b, T, in) copy
+    x[rows] for the weight's gradient: a copy of every LoRA layer's input per adapter, where x is kept already by
+    the base layer (measured with torch's ops: a mixed micro-batch saved 1.5x one adapter's activations). Backward
+    selects the rows again."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, rows, weight)
+        return F.linear(x.index_select(0, rows), weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        x, rows, weight = ctx.saved_tensors  # grad: (b, T, r)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros_like(x).index_add_(0, rows, grad @ weight)  # (B, T, in), zero off this adapter's rows
+        if ctx.needs_input_grad[2]:
+            grad_w = grad.flatten(0, -2).T @ x.index_select(0, rows).flatten(0, -2)  # (r, in)
+        return grad_x, None, grad_w
 
 
 class _AddRows(torch.autograd.Function):
