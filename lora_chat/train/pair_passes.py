@@ -43,8 +43,10 @@ def two_passes(logps: Callable[[dict], torch.Tensor], loss: Callable[[torch.Tens
 
     `logps(side_batch)` scores one side; `loss(chosen, rejected)` is the scalar the trainer minimises;
     `first_pass()` wraps the chosen side's forward and backward (DDP's no_sync: gradients are reduced once, in
-    the caller's backward); `settle()` runs after each of the first two passes (host_memory.release_freed on a
-    CPU: the pass's freed blocks do not stay resident beside the next one's tensors)."""
+    the caller's backward); `settle()` runs after the pass without gradients (host_memory.release_freed on a
+    CPU: its freed blocks, of other shapes than a gradient pass's, do not stay resident beside the next pass's
+    tensors). Not after the chosen side's backward: the rejected side's pass reuses those blocks as they are, and
+    handing them back costs a page fault for each page taken again."""
     pairs = batch["input_ids"].shape[0] // 2
     chosen_rows, rejected_rows = side(batch, slice(0, pairs)), side(batch, slice(pairs, None))
     start = _rng_state()
@@ -54,7 +56,6 @@ def two_passes(logps: Callable[[dict], torch.Tensor], loss: Callable[[torch.Tens
     with first_pass():
         chosen = logps(chosen_rows)
         backward(loss(chosen, rejected_value))
-    settle()
     after = _rng_state()
     _set_rng_state(start)
     rejected = logps(rejected_rows)

@@ -10,7 +10,7 @@ training mode), and for good reason, in three places of peft 0.21:
   - `_mixed_batch_forward` adds each sub-batch's delta into the base output in place
     (`result[rows] += delta`), which a later in-place op or a reused buffer can invalidate for backward;
   - the row lists are rebuilt in Python in every layer of every forward from a list of strings.
-The runtime (runtime/adapter_set.py, runtime/generate.py) uses PEFT's path as it is, for inference.
+The runtime's inference batches replace PEFT's loop too (runtime/gathered_lora.py), but hold no gradients.
 
 Here every adapter of the joint run is active and trainable (so PEFT's own forward would add all of them to every
 row), and each LoRA layer's forward is replaced, per instance, by `mixed_forward`: the frozen base layer once over
