@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from adapter_factory import quickstart_adapter
 from serve_fixtures import adapters, rt  # noqa: F401 (fixtures)
+from train_helpers import slowed_cli
 from lora_chat.cli import main
 from lora_chat.runtime import AdapterSet, Completion, Request, Sampling
 from lora_chat.runtime.scheduler import QueueFull, Scheduler
@@ -292,8 +293,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(adapter: Path, port: int, *flags: str) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "lora_chat.cli", "serve", str(adapter), "--port", str(port),
+def _start(adapter: Path, port: int, *flags: str, step_s: float) -> subprocess.Popen:
+    """`lorachat serve` with every decode step taking at least `step_s` more: how long a reply takes is then set
+    by the test, not by how fast the machine (or the runtime) is."""
+    program = slowed_cli("lora_chat.runtime.scheduler", "Scheduler", "_decode", step_s)
+    process = subprocess.Popen([sys.executable, "-c", program, "serve", str(adapter), "--port", str(port),
                                 *flags], env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     deadline = time.monotonic() + 120
@@ -336,8 +340,8 @@ def test_sigterm_finishes_what_fits_the_drain_ends_the_rest_with_an_error_refuse
     """Issue 23: under SIGTERM every accepted request completes or gets a well-formed error, exit 0 within the
     drain timeout + 5 s (uvicorn alone refused new connections, told open streams nothing, and died of SIGTERM)."""
     port = _free_port()
-    drain = 1  # 450 tokens took up to 4 s on a quiet CI machine: too long to finish inside 1 s
-    process = _start(adapters[1], port, "--drain-timeout", str(drain))
+    drain = 1  # 450 decode steps of >= 10 ms: at least 4.5 s, too long to finish inside it; 12 steps fit
+    process = _start(adapters[1], port, "--drain-timeout", str(drain), step_s=0.01)
     socks = []
     try:
         short, short_seen = _open_stream(port, max_tokens=12)
