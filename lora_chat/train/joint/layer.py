@@ -15,8 +15,8 @@ The runtime's inference batches replace PEFT's loop too (runtime/gathered_lora.p
 Here every adapter of the joint run is active and trainable (so PEFT's own forward would add all of them to every
 row), and each LoRA layer's forward is replaced, per instance, by `mixed_forward`: the frozen base layer once over
 the whole micro-batch, then for each adapter its rows through its own dropout, A and B, added out of place with
-`index_add`; neither the rows' inputs nor their deltas are copied for backward (`_RowsThrough`, `_AddRows`). Autograd then sends a row's gradient only into the A and B that saw it, and the base
-(frozen) is shared. The row groups are set once per micro-batch (`route`), as index tensors, for every layer.
+`index_add`; neither the rows' inputs nor their deltas are copied for backward (`_RowsThrough`, `_AddRows`).
+Autograd then sends a row's gradient only into the A and B that saw it, and the base (frozen) is shared. The row groups are set once per micro-batch (`route`), as index tensors, for every layer.
 Adapters may differ in rank, alpha, targets (a layer an adapter does not target has no entry for it) and rsLoRA;
 DoRA and other PEFT variants, whose forward is not `B(A(x))`, are refused by the compatibility check.
 """
