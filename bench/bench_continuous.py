@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 STREAMED = 0.3
 MAX_TOKENS = (1, 32)
 SIZES = {False: (200, 60.0), True: (48, 20.0)}  # quick -> (clients, seconds per phase)
+STATIC_MAX_BATCH = 8  # the static batcher as serve ran it before: the CLI's --max-batch default then
 
 
 def _row(name: str, value: float, unit: str, baseline: str, baseline_value: float | None, goal: str,
@@ -153,10 +154,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _phase(rt, scheduler: str, clients: int, seconds: float, models: list[str], lines: list[str],
-           scrape: bool = False) -> dict:
+           max_batch: int, scrape: bool = False) -> dict:
     from lora_chat.serve.app import BackgroundServer, ServeOptions, build_app
 
-    live = BackgroundServer(build_app(rt, ServeOptions(scheduler=scheduler, max_batch=8)))
+    live = BackgroundServer(build_app(rt, ServeOptions(scheduler=scheduler, max_batch=max_batch)))
     try:
         _ask(live.port, models[0], lines[0], 4, False)  # warm up
         done, wall = _load_in_process(live.port, clients, seconds, models, lines, seed=1, scrape=scrape)
@@ -185,7 +186,7 @@ def _alone(port: int, done: list[dict], most: int = 48) -> tuple[int, int]:
     return same, len(first)
 
 
-def results(quick: bool) -> list[dict]:
+def results(quick: bool, max_batch: int) -> list[dict]:
     from bench_serve import _quickstart_adapters, everyday_lines
 
     from lora_chat.runtime import AdapterSet
@@ -196,10 +197,11 @@ def results(quick: bool) -> list[dict]:
         adapters = _quickstart_adapters(Path(tmp), 2)
         rt = AdapterSet.open(adapters)
         models = [a.name for a in adapters] + [rt.base.model_id]
-        static = _phase(rt, "static", clients, seconds, models, lines)
-        continuous = _phase(rt, "continuous", clients, seconds, models, lines)
-        scraped = _phase(rt, "continuous", clients, seconds, models, lines, scrape=True)
-    load = f"{clients} clients {seconds:g} s, 3 models, 30% streamed, 1-32 tokens"
+        static = _phase(rt, "static", clients, seconds, models, lines, STATIC_MAX_BATCH)
+        continuous = _phase(rt, "continuous", clients, seconds, models, lines, max_batch)
+        scraped = _phase(rt, "continuous", clients, seconds, models, lines, max_batch, scrape=True)
+    load = (f"{clients} clients {seconds:g} s, 3 models, 30% streamed, 1-32 tokens, "
+            f"max batch {STATIC_MAX_BATCH} static / {max_batch} continuous")
     same, compared = continuous["alone"]
     return [
         _row(f"continuous: TTFT p99 ({load})", continuous["ttft_p99"], "s", "static batcher",
@@ -219,12 +221,13 @@ def results(quick: bool) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="48 clients for 20 s per phase (full: 200 for 60 s).")
+    parser.add_argument("--max-batch", type=int, default=8, help="the continuous scheduler's --max-batch")
     parser.add_argument("--clients-json", help=argparse.SUPPRESS)  # the client process (see _load_in_process)
     args = parser.parse_args()
     if args.clients_json:
         print(json.dumps(_load(**json.loads(args.clients_json))))
         return
-    for r in results(args.quick):
+    for r in results(args.quick, args.max_batch):
         print(json.dumps(r))
 
 

@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,13 +151,14 @@ def worker(model_name: str, batch: int, length: int, checkpointing: bool) -> dic
             p.sum()
     before = _rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so the peak is the steps' own
+    start = time.perf_counter()
     for _ in range(3):
         loss, trained = token_loss_sum(model, selector, batch_tensors)
         (loss / trained).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {"config": config.to_dict(), "dtype_bytes": torch.finfo(dtype).bits // 8,
-            "added": _rss("VmHWM") - before}
+            "added": _rss("VmHWM") - before, "steps_s": time.perf_counter() - start}
 
 
 def _measure(run: tuple, pinned: bool) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import LorachatError, RecipeError, Where
@@ -163,6 +163,9 @@ class Training(_Section):
                            "replies (data in the preference format; train/preference.py).")
     beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference (TRL's beta); "
                                                "orpo: weight of the odds-ratio term (the ORPO paper's lambda).")
+    sft_weight: float = Field(0.0, ge=0, description="dpo: weight of a supervised term, the chosen reply's mean "
+                              "per-token NLL, added to each pair's loss (RPO's alpha; TRL's loss_type sft). Keeps DPO "
+                              "from buying its margin by lowering the chosen reply too (ORPO has this term built in).")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is unset).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; wins over epochs.")
     batch_size: int = Field(4, gt=0, description="Samples (or packed rows) per device per micro-step.")
@@ -201,6 +204,15 @@ class Training(_Section):
         if self.epochs is None and self.max_steps is None:
             self.epochs = 1.0
         return self
+
+    @field_validator("sft_weight")
+    @classmethod
+    def _sft_weight_for_dpo(cls, weight: float, info: ValidationInfo) -> float:
+        method = info.data.get("method", "dpo")
+        if weight and method != "dpo":
+            raise ValueError(f"sft_weight is for method dpo, not {method}"
+                             + (" (ORPO's loss has this term already)" if method == "orpo" else ""))
+        return weight
 
 
 class Output(_Section):

@@ -236,15 +236,15 @@ def _grads_of_a_training_step(recipe: Path, monkeypatch, step) -> dict[str, torc
     return grads
 
 
-@pytest.mark.parametrize("method", ["dpo", "orpo"])
-def test_a_step_in_two_passes_has_the_gradient_of_the_pair_loss_in_one(dpo_recipe, monkeypatch, method):
+@pytest.mark.parametrize("method,sft_weight", [("dpo", 0.0), ("orpo", 0.0), ("dpo", 1.0)])
+def test_a_step_in_two_passes_has_the_gradient_of_the_pair_loss_in_one(dpo_recipe, monkeypatch, method, sft_weight):
     from lora_chat.train.preference import sequence_logps
 
     def one_pass(trainer, batch):  # both sides in one forward and one backward: the coupled loss as written
         chosen, rejected = sequence_logps(trainer.model, trainer.selector, batch).chunk(2)
         trainer._per_pair(chosen, rejected, batch)[0].mean().backward()
 
-    training = {**PAIR_TRAINING, "method": method, "batch_size": 3}
+    training = {**PAIR_TRAINING, "method": method, "sft_weight": sft_weight, "batch_size": 3}
     base = {"dtype": "float32"}
     split = _grads_of_a_training_step(dpo_recipe(name="split", training=training, base=base), monkeypatch,
                                       lambda trainer, batch: trainer.training_step(trainer.model, batch))
@@ -254,6 +254,37 @@ def test_a_step_in_two_passes_has_the_gradient_of_the_pair_loss_in_one(dpo_recip
     assert any(g.abs().max() > 0 for g in whole.values())
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sft_weight_adds_the_chosen_replys_mean_nll_to_each_pairs_dpo_loss(dpo_recipe, monkeypatch):
+    from lora_chat.train.preference import sequence_logps
+
+    losses_by_weight = {}
+
+    def pair_losses(trainer, batch):
+        with torch.no_grad():
+            chosen, rejected = sequence_logps(trainer.model, trainer.selector, batch).chunk(2)
+            for weight in (0.0, 0.5):
+                trainer.sft_weight = weight
+                losses_by_weight[weight] = trainer._per_pair(chosen, rejected, batch)[0]
+        tokens = (batch["shift_labels"][:len(chosen)] != -100).sum(dim=1)
+        losses_by_weight["nll"] = -chosen / tokens
+        trainer.training_step(trainer.model, batch)
+
+    training = {**PAIR_TRAINING, "sft_weight": 0.5, "batch_size": 3}
+    _grads_of_a_training_step(dpo_recipe(training=training, base={"dtype": "float32"}), monkeypatch, pair_losses)
+    torch.testing.assert_close(losses_by_weight[0.5] - losses_by_weight[0.0], 0.5 * losses_by_weight["nll"])
+    assert (losses_by_weight["nll"] > 0).all()
+
+
+@pytest.mark.parametrize("method", ["orpo", "sft"])
+def test_sft_weight_outside_dpo_is_refused_naming_the_key(dpo_recipe, method):
+    recipe = dpo_recipe(training={**PAIR_TRAINING, "method": method, "sft_weight": 0.5})
+    result = finetune(recipe)
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert line.startswith(f"error: {recipe}:") and "training.sft_weight: " in line and len(line.splitlines()) == 1
+    assert f"sft_weight is for method dpo, not {method}" in line
 
 
 def test_the_rejected_side_draws_the_same_dropout_in_its_gradient_pass(dpo_recipe, monkeypatch):

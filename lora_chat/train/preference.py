@@ -188,9 +188,10 @@ def _trainer_class():
     from .trainer import RunHooks
 
     class PreferenceTrainer(RunHooks, DPOTrainer):
-        def __init__(self, *args, method: str, meter, checkpoint_root: Path, keep_checkpoints: int, **kwargs):
+        def __init__(self, *args, method: str, sft_weight: float, meter, checkpoint_root: Path,
+                     keep_checkpoints: int, **kwargs):
             self._init_hooks(meter, checkpoint_root, keep_checkpoints)
-            self.method = method
+            self.method, self.sft_weight = method, sft_weight
             # Before TRL's __init__: it scores the reference log-probs (compute_ref_log_probs) inside it.
             self.selector = TrainedPositions(kwargs["model"].get_output_embeddings())
             self._keep_adapter_dtypes(super().__init__, *args, **kwargs)
@@ -244,14 +245,14 @@ def _trainer_class():
 
         def _per_pair(self, chosen, rejected, inputs):
             """(loss, margin) per pair from each side's summed log-probability of its reply."""
+            trained = (inputs["shift_labels"] != -100).sum(dim=1).clamp(min=1)  # (2B,)
+            mean_c, mean_r = chosen / trained[:len(chosen)], rejected / trained[len(chosen):]
             if self.method == "dpo":
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
                 margin = self.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))  # (B,)
-                return -F.logsigmoid(margin), margin
+                return -F.logsigmoid(margin) - self.sft_weight * mean_c, margin
             # orpo (Hong et al. 2024, eq. 6-7; as trl.experimental.orpo): NLL of the chosen reply plus beta x the
             # odds-ratio term, on per-token mean log-probs
-            trained = (inputs["shift_labels"] != -100).sum(dim=1).clamp(min=1)  # (2B,)
-            mean_c, mean_r = chosen / trained[:len(chosen)], rejected / trained[len(chosen):]
             margin = (mean_c - _log1mexp(mean_c)) - (mean_r - _log1mexp(mean_r))  # log odds ratio
             return -mean_c - self.beta * F.logsigmoid(margin), margin
 
@@ -354,6 +355,7 @@ class PreferenceRun(FinetuneRun):
                 eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
                 data_collator=PairCollator(self.inputs.tokenizer.pad_token_id),
                 processing_class=self.inputs.tokenizer, callbacks=self.callbacks(), method=t.method,
+                sft_weight=t.sft_weight,
                 meter=self.meter, checkpoint_root=self.checkpoint_root, keep_checkpoints=t.keep_checkpoints)
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
