@@ -175,6 +175,36 @@ def test_chunked_loss_matches_full_cross_entropy_and_its_gradients():
     assert torch.allclose(hidden.grad, expected[0], atol=1e-5) and torch.allclose(weight.grad, expected[1], atol=1e-5)
 
 
+
+def _peak_allocated_bytes(fn) -> int:
+    """The most bytes `fn`'s CPU allocations held at once, from the profiler's allocation and free events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:  # nbytes: + for an allocation, - for a free
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_chunked_loss_holds_one_chunk_at_a_time():
+    """plan counts one chunk's buffers; the loop used to keep the last chunk's beside the next one's (1.5x)."""
+    from lora_chat.train.loss import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    weight, chunk = torch.randn(4096, 64, dtype=torch.bfloat16), 32
+
+    def peak(rows: int) -> int:
+        hidden = torch.randn(rows, 64, dtype=torch.bfloat16, requires_grad=True)
+        targets = torch.randint(0, 4096, (rows,))
+        return _peak_allocated_bytes(lambda: chunked_cross_entropy(hidden, weight, targets, chunk=chunk))
+
+    assert peak(8 * chunk) <= 1.1 * peak(chunk)
+
 def test_flash_attention_and_liger_are_refused_without_cuda(make_recipe):
     recipe = make_recipe(base={"attn_implementation": "flash_attention_2"}, training={"kernels": "liger"})
     problems = [str(p) for p in cuda_only_problems(load_recipe(recipe), cuda=False)]

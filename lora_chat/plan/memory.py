@@ -281,16 +281,17 @@ def logits_bytes(shape: Shape, setup: Setup) -> int:
 
     Unchunked (TRL, torchtune): logits in the compute dtype, their fp32 upcast, log-softmax kept for backward and
     its gradient, over every position. lorachat (train/loss.py) projects only trained positions, `loss_chunk` rows
-    at a time, turning one fp32 buffer into exp, softmax and gradient in place (plus the compute-dtype logits and
-    gradient when that is not fp32), and keeps the hidden states' gradient (rows x hidden) instead of the logits,
-    as Liger's fused linear cross-entropy does (so `kernels: liger` changes nothing here).
+    at a time, turning one fp32 buffer into exp, softmax and gradient in place (beside one compute-dtype copy when
+    that is not fp32: the logits before their upcast, then the gradient), and keeps the hidden states' gradient
+    (rows x hidden) instead of the logits, as Liger's fused linear cross-entropy does (so `kernels: liger` changes
+    nothing here).
     """
     d, v, h = setup.compute_bytes, shape.vocab, shape.hidden
     rows = math.ceil(setup.tokens * setup.trained_share)
     if setup.loss_chunk is None:
         return int(rows * v * (d + (4 if d != 4 else 0) + 4 + 4 + 4 * setup.logit_copies))
     chunk = setup.loss_chunk or loss_chunk_rows(v)
-    return int(min(rows, chunk) * v * (4 + (2 * d if d != 4 else 0)) + rows * h * d)
+    return int(min(rows, chunk) * v * (4 + (d if d != 4 else 0)) + rows * h * d)
 
 
 def host_offload_bytes(shape: Shape, setup: Setup) -> int:
