@@ -26,6 +26,12 @@ INT8_BYTES = 1.0  # LLM.int8: int8 weights plus one fp32 scale per output row (a
 LOSS_CHUNK_ELEMENTS = 2**23
 LOSS_CHUNK_MAX_ROWS = 1024
 CUDA_CONTEXT = 0.5 * GIB  # CUDA context + cuBLAS/cuDNN workspaces with lazy module loading (CUDA >= 11.7)
+# glibc's heap on a CPU. It raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+# activation-sized blocks come from the heap and stay resident once freed, fragmented between live ones: what a
+# step allocates and frees again (activations, the loss's buffers, a layer's backward) leaves about this many times
+# itself resident beside the live tensors, more with checkpointing (each layer's forward runs twice, in blocks of
+# other sizes). Fitted on bench_plan's small random Llama (3 runs), checked on SmolLM2-135M (3 runs): docs/plan.md.
+CPU_HEAP_KEPT = {False: 0.8, True: 2.5}  # by gradient checkpointing off / on
 # Caching allocator: reserved over allocated for what a training loop allocates and frees (block rounding,
 # fragmentation). Weights are allocated once, at load, in blocks of their own size, so they add no slack.
 ALLOCATOR_SLACK = 0.08
@@ -303,8 +309,8 @@ def host_offload_bytes(shape: Shape, setup: Setup) -> int:
 
 # `gradient_checkpointing: auto` turns it off when the run without it needs at most this share of the device's
 # memory. On a GPU the estimate already counts the context and the allocator's slack; the rest is room for the
-# estimate's error (within 25% of measured runs, docs/plan.md). On a CPU the RSS can be twice the tensors (glibc's
-# heap fragments, docs/plan.md), and the RAM is shared with everything else the machine runs.
+# estimate's error (within 25% of measured runs, docs/plan.md). On a CPU the RAM is shared with everything else the
+# machine runs, and glibc's heap (counted, CPU_HEAP_KEPT) varies by 20% from run to run.
 AUTO_CHECKPOINTING_SHARE = {"cuda": 0.8, "cpu": 0.25}
 # Offloaded checkpoints are pinned (page-locked) host memory, which the OS cannot swap or reclaim: at most this share
 # of the host's available memory (TRL's offloading warns past 60% of it in use).
@@ -340,5 +346,6 @@ def estimate(shape: Shape, setup: Setup) -> Breakdown:
                       optimizer=optimizer_bytes(shape, setup, params), activations=saved,
                       logits=logits_bytes(shape, setup), backward=backward, cuda_context=0, allocator=0)
     if setup.device != "cuda":
-        return parts
+        transient = parts.activations + max(parts.logits, parts.backward)
+        return replace(parts, allocator=int(CPU_HEAP_KEPT[setup.checkpointing] * transient))
     return replace(parts, cuda_context=int(CUDA_CONTEXT), allocator=int(ALLOCATOR_SLACK * (parts.total - weights)))
