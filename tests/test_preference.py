@@ -236,8 +236,15 @@ def _grads_of_a_training_step(recipe: Path, monkeypatch, step) -> dict[str, torc
     return grads
 
 
+def _rejected_longer(rows: list[dict]) -> list[dict]:
+    """The same pairs with the longer reply rejected: the step's two passes then run in the other order."""
+    return [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in rows]
+
+
+@pytest.mark.parametrize("longer", ["chosen", "rejected"])
 @pytest.mark.parametrize("method,sft_weight", [("dpo", 0.0), ("orpo", 0.0), ("dpo", 1.0)])
-def test_a_step_in_two_passes_has_the_gradient_of_the_pair_loss_in_one(dpo_recipe, monkeypatch, method, sft_weight):
+def test_a_step_in_two_passes_has_the_gradient_of_the_pair_loss_in_one(dpo_recipe, monkeypatch, method, sft_weight,
+                                                                         longer):
     from lora_chat.train.preference import sequence_logps
 
     def one_pass(trainer, batch):  # both sides in one forward and one backward: the coupled loss as written
@@ -245,10 +252,10 @@ def test_a_step_in_two_passes_has_the_gradient_of_the_pair_loss_in_one(dpo_recip
         trainer._per_pair(chosen, rejected, batch)[0].mean().backward()
 
     training = {**PAIR_TRAINING, "method": method, "sft_weight": sft_weight, "batch_size": 3}
-    base = {"dtype": "float32"}
-    split = _grads_of_a_training_step(dpo_recipe(name="split", training=training, base=base), monkeypatch,
+    base, rows = {"dtype": "float32"}, pair_rows() if longer == "chosen" else _rejected_longer(pair_rows())
+    split = _grads_of_a_training_step(dpo_recipe(rows, name="split", training=training, base=base), monkeypatch,
                                       lambda trainer, batch: trainer.training_step(trainer.model, batch))
-    whole = _grads_of_a_training_step(dpo_recipe(name="whole", training=training, base=base), monkeypatch,
+    whole = _grads_of_a_training_step(dpo_recipe(rows, name="whole", training=training, base=base), monkeypatch,
                                       one_pass)
     assert split.keys() == whole.keys() and split
     assert any(g.abs().max() > 0 for g in whole.values())
@@ -287,18 +294,26 @@ def test_sft_weight_outside_dpo_is_refused_naming_the_key(dpo_recipe, method):
     assert f"sft_weight is for method dpo, not {method}" in line
 
 
-def test_the_rejected_side_draws_the_same_dropout_in_its_gradient_pass(dpo_recipe, monkeypatch):
+@pytest.mark.parametrize("longer", ["chosen", "rejected"])
+def test_the_side_scored_twice_draws_the_same_dropout_in_its_gradient_pass(dpo_recipe, monkeypatch, longer):
     from lora_chat.train import preference
 
-    real, scored = preference.sequence_logps, []
-    monkeypatch.setattr(preference, "sequence_logps",
-                        lambda model, selector, batch: scored.append(real(model, selector, batch)) or scored[-1])
-    recipe = dpo_recipe(training={**PAIR_TRAINING, "batch_size": 3}, base={"dtype": "float32"},
+    real, scored, widths = preference.sequence_logps, [], []
+
+    def scoring(model, selector, batch):
+        widths.append(batch["input_ids"].shape[1])
+        scored.append(real(model, selector, batch))
+        return scored[-1]
+
+    monkeypatch.setattr(preference, "sequence_logps", scoring)
+    rows = pair_rows() if longer == "chosen" else _rejected_longer(pair_rows())
+    recipe = dpo_recipe(rows, training={**PAIR_TRAINING, "batch_size": 3}, base={"dtype": "float32"},
                         lora={"dropout": 0.5})
     _grads_of_a_training_step(recipe, monkeypatch, lambda trainer, batch: trainer.training_step(trainer.model, batch))
-    rejected_value, chosen, rejected = scored[-3:]  # the step's three passes
-    assert torch.equal(rejected_value, rejected.detach())
-    assert not torch.equal(chosen.detach(), rejected.detach())
+    value, first, second = scored[-3:]  # the step's three passes: the narrower side twice, the wider between
+    assert torch.equal(value, second.detach())
+    assert not torch.equal(first.detach(), second.detach())
+    assert widths[-2] > widths[-1]  # the wider side's gradient pass first: the other fits in the blocks it freed
 
 
 def test_dpo_from_an_sft_adapter_starts_from_it_and_uses_it_as_reference(dpo_recipe):

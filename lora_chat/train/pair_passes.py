@@ -2,10 +2,11 @@
 
 A pair's loss couples its two sides: d loss / d chosen depends on the rejected side's log-probability and back.
 Run as one forward over the 2B rows (TRL's layout), the graph of both sides lives until the backward, and a DPO
-run holds twice the activations of an SFT run on the same rows. Here instead:
-  1. the rejected side's log-probabilities, without gradients (a forward of B rows);
-  2. the chosen side with gradients, its loss against (1) held constant, backward: its activations are freed;
-  3. the rejected side again, with gradients; the caller computes the loss against the chosen side's value held
+run holds twice the activations of an SFT run on the same rows. Here instead, with "first" the wider side of the
+micro-batch and "second" the other:
+  1. the second side's log-probabilities, without gradients (a forward of B rows);
+  2. the first side with gradients, its loss against (1) held constant, backward: its activations are freed;
+  3. the second side again, with gradients; the caller computes the loss against the first side's value held
      constant, and the trainer runs its backward as for any loss.
 The sum of the two backwards is exactly the gradient of the coupled loss (each side's partial derivative, taken at
 the other side's value), for one extra forward of B rows without gradients: about 1.17x the compute of the single
@@ -38,29 +39,38 @@ def two_passes(logps: Callable[[dict], torch.Tensor], loss: Callable[[torch.Tens
                batch: dict, backward: Callable[[torch.Tensor], None],
                first_pass: Callable[[], AbstractContextManager[Any]],
                settle: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed log-probabilities (B,), (B,); the chosen side's gradient is already applied by
-    `backward`, so `chosen` is detached and `rejected` carries its graph for the caller's loss and backward.
+    """(chosen, rejected) summed log-probabilities (B,), (B,); the wider side's gradient is already applied by
+    `backward`, so that side is detached and the other carries its graph for the caller's loss and backward.
 
     `logps(side_batch)` scores one side; `loss(chosen, rejected)` is the scalar the trainer minimises;
-    `first_pass()` wraps the chosen side's forward and backward (DDP's no_sync: gradients are reduced once, in
+    `first_pass()` wraps the first side's forward and backward (DDP's no_sync: gradients are reduced once, in
     the caller's backward); `settle()` runs after the pass without gradients (host_memory.release_freed on a
     CPU: its freed blocks, of other shapes than a gradient pass's, do not stay resident beside the next pass's
-    tensors). Not after the chosen side's backward: the rejected side's pass reuses those blocks as they are, and
+    tensors). Not after the first side's backward: the second side's pass reuses those blocks as they are, and
     handing them back costs a page fault for each page taken again."""
     pairs = batch["input_ids"].shape[0] // 2
     chosen_rows, rejected_rows = side(batch, slice(0, pairs)), side(batch, slice(pairs, None))
+    # The wider side's gradient pass runs first, so the narrower side's pass after it fits in the blocks it freed;
+    # the other way round, the wider pass's blocks do not fit the holes and a CPU's heap grows beside them (glibc
+    # keeps freed blocks resident). Either order gives the same gradient.
+    swap = rejected_rows["input_ids"].shape[1] > chosen_rows["input_ids"].shape[1]
+    first, second = (rejected_rows, chosen_rows) if swap else (chosen_rows, rejected_rows)
+
+    def in_order(first_side: torch.Tensor, second_side: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (second_side, first_side) if swap else (first_side, second_side)  # (chosen, rejected)
+
     start = _rng_state()
     with torch.no_grad():
-        rejected_value = logps(rejected_rows)
+        second_value = logps(second)
     settle()
     with first_pass():
-        chosen = logps(chosen_rows)
-        backward(loss(chosen, rejected_value))
+        first_logps = logps(first)
+        backward(loss(*in_order(first_logps, second_value)))
     after = _rng_state()
     _set_rng_state(start)
-    rejected = logps(rejected_rows)
+    second_logps = logps(second)
     _set_rng_state(after)
-    return chosen.detach(), rejected
+    return in_order(first_logps.detach(), second_logps)
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
