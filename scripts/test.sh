@@ -13,6 +13,14 @@ if [ "$(cat "$llama_stamp" 2>/dev/null)" != "0.3.36" ]; then
     || echo "note: llama-cpp-python did not build; the llama.cpp export test will skip" >&2
   echo "0.3.36" > "$llama_stamp"
 fi
+# Chromium and its driver, for the page's tests in real headless Chromium (tests/test_webui.py): Debian's packages,
+# installed once where apt-get can (as root, as CI runs); elsewhere those tests skip, saying why.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+      >/dev/null 2>&1 || echo "note: chromium did not install; the page's tests will skip" >&2
+  fi
+fi
 # vLLM's CPU build in a venv of its own, for the `vllm` tests (tests/test_serve_vllm.py): made once per machine
 # (2-4 min, 3.5 GB), then reused. If it cannot be made, the suite goes on and those tests fail with the reason.
 vllm_log=.venv/.lorachat-vllm-env.log
