@@ -187,7 +187,6 @@ def test_chunked_loss_matches_full_cross_entropy_and_its_gradients():
     assert torch.allclose(hidden.grad, expected[0], atol=1e-5) and torch.allclose(weight.grad, expected[1], atol=1e-5)
 
 
-
 def _peak_allocated_bytes(fn) -> int:
     """The most bytes `fn`'s CPU allocations held at once, from the profiler's allocation and free events."""
     from torch.profiler import ProfilerActivity, profile
@@ -216,6 +215,7 @@ def test_chunked_loss_holds_one_chunk_at_a_time():
         return _peak_allocated_bytes(lambda: chunked_cross_entropy(hidden, weight, targets, chunk=chunk))
 
     assert peak(8 * chunk) <= 1.1 * peak(chunk)
+
 
 def test_flash_attention_and_liger_are_refused_without_cuda(make_recipe):
     recipe = make_recipe(base={"attn_implementation": "flash_attention_2"}, training={"kernels": "liger"})

@@ -236,9 +236,10 @@ def _grads_of_a_training_step(recipe: Path, monkeypatch, step) -> dict[str, torc
     return grads
 
 
-def _rejected_longer(rows: list[dict]) -> list[dict]:
-    """The same pairs with the longer reply rejected: the step's two passes then run in the other order."""
-    return [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in rows]
+def _pairs_with_longer(side: str) -> list[dict]:
+    """pair_rows with the longer reply on `side`: "rejected" makes the step's two passes run in the other order."""
+    rows = pair_rows()
+    return rows if side == "chosen" else [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in rows]
 
 
 @pytest.mark.parametrize("longer", ["chosen", "rejected"])
@@ -252,7 +253,7 @@ def test_a_step_in_two_passes_has_the_gradient_of_the_pair_loss_in_one(dpo_recip
         trainer._per_pair(chosen, rejected, batch)[0].mean().backward()
 
     training = {**PAIR_TRAINING, "method": method, "sft_weight": sft_weight, "batch_size": 3}
-    base, rows = {"dtype": "float32"}, pair_rows() if longer == "chosen" else _rejected_longer(pair_rows())
+    base, rows = {"dtype": "float32"}, _pairs_with_longer(longer)
     split = _grads_of_a_training_step(dpo_recipe(rows, name="split", training=training, base=base), monkeypatch,
                                       lambda trainer, batch: trainer.training_step(trainer.model, batch))
     whole = _grads_of_a_training_step(dpo_recipe(rows, name="whole", training=training, base=base), monkeypatch,
@@ -306,7 +307,7 @@ def test_the_side_scored_twice_draws_the_same_dropout_in_its_gradient_pass(dpo_r
         return scored[-1]
 
     monkeypatch.setattr(preference, "sequence_logps", scoring)
-    rows = pair_rows() if longer == "chosen" else _rejected_longer(pair_rows())
+    rows = _pairs_with_longer(longer)
     recipe = dpo_recipe(rows, training={**PAIR_TRAINING, "batch_size": 3}, base={"dtype": "float32"},
                         lora={"dropout": 0.5})
     _grads_of_a_training_step(recipe, monkeypatch, lambda trainer, batch: trainer.training_step(trainer.model, batch))
