@@ -36,6 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ("quickstart.yaml", "quickstart-sv.yaml", "smalltalk-en.yaml", "smalltalk-sv.yaml")
 LORACHAT = Path(sys.executable).parent / "lorachat"
+# As a user starts it: the console script where pip installed one; on a machine that runs lorachat from a checkout
+# (the GPU check's), the module, which is what that script runs.
+COMMAND = [str(LORACHAT)] if LORACHAT.exists() else [sys.executable, "-m", "lora_chat.cli"]
 # Runs a command and prints its peak RSS (the largest resident set of its children: it has one).
 MEASURED = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(code)")
@@ -61,8 +64,7 @@ def timed(args: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in MB) of one `lorachat` command in its own process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", MEASURED, str(LORACHAT), *args], env=env, capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, "-c", MEASURED, *COMMAND, *args], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"lorachat {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")

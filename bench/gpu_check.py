@@ -64,6 +64,10 @@ MISSING = {
                   "longer than this check)",
 }
 RUN_TIMEOUT_S = 120  # one finetune; a few dozen steps of a 135M model take seconds on a GPU
+# Issue 20 on a GPU: bench/bench_joint.py's four adapters in one joint run against the four runs one after another,
+# on the random base, as (optimizer steps, grad_accum) per adapter: the CPU benchmark's setting, then a longer one
+# in which the steps, not the startups, take most of the time.
+JOINT_SETTINGS = [(4, 2), (24, 2)]
 
 
 def machine(cuda: bool) -> dict:
@@ -175,6 +179,29 @@ def compare(result: dict, plan: dict) -> None:
         result["peak_rss_gib"] = round(peak["peak_rss_bytes"] / GIB, 3)
 
 
+def joint_timing(work: Path, base: Path, cpu: bool) -> list[dict]:
+    """bench_joint's timing (one turn a side) per setting; a failed side is recorded, not raised."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_joint
+
+    found = []
+    for steps, accum in [(1, 1)] if cpu else JOINT_SETTINGS:
+        sets = ["--set", f"base.model={base}", "--set", f"training.max_steps={steps}",
+                "--set", f"training.grad_accum={accum}", *(["--set", "data.max_length=128"] if cpu else [])]
+        row = {"steps": steps, "grad_accum": accum, "adapters": len(bench_joint.RECIPES)}
+        try:
+            t = bench_joint.timing(work / f"joint-{steps}x{accum}", sets, repeats=1)
+        except RuntimeError as err:
+            row.update(status="failed", reason=str(err))
+        else:
+            row.update(status="ok", seq_s=round(t["seq_s"][0], 1), joint_s=round(t["joint_s"][0], 1),
+                       ratio=round(t["joint_s"][0] / t["seq_s"][0], 2), seq_rss_mb=round(t["seq_rss"][0]),
+                       joint_rss_mb=round(t["joint_rss"][0]), rss_ratio=round(t["joint_rss"][0] / t["seq_rss"][0], 2))
+        print(f"joint {json.dumps(row)}", flush=True)
+        found.append(row)
+    return found
+
+
 def pytest_summary(log: Path | None, rc: int | None) -> dict | None:
     if log is None or not log.is_file():
         return None
@@ -212,6 +239,18 @@ def markdown(report: dict) -> str:
         else:
             cells = common + [f"{r.get('peak_rss_gib', 0):.3f}", f"{plan.get('peak_memory_gib', '-')}", ckpt]
         lines.append("| " + " | ".join(cells) + " |")
+    if report.get("joint"):
+        lines += ["", "Joint training (issue 20): `lorachat finetune` of bench_joint.py's four recipes in one run "
+                      "against four runs one after another, each a process as a user starts it (wall time with "
+                      "startups and the end-of-run eval; peak RSS of the largest process).", "",
+                  "| steps x grad_accum per adapter | 4 runs, s | joint, s | ratio (goal <= 0.6) | peak RSS, joint / one |",
+                  "|---|---|---|---|---|"]
+        for j in report["joint"]:
+            if j["status"] != "ok":
+                lines.append(f"| {j['steps']} x {j['grad_accum']} | failed: {j['reason']} | | | |")
+                continue
+            lines.append(f"| {j['steps']} x {j['grad_accum']} | {j['seq_s']} | {j['joint_s']} | {j['ratio']} | "
+                         f"{j['joint_rss_mb']} / {j['seq_rss_mb']} MB ({j['rss_ratio']}x) |")
     if not cuda:
         lines += ["", "CPU mode checks the script: the peak RSS counts Python, the libraries and glibc's heap, and "
                       "the plan is a GPU's, so the two columns are not comparable."]
@@ -256,6 +295,8 @@ def main() -> int:
     report = {"mode": "cuda" if cuda else "cpu", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": info, "steps": steps, "micro_batch": micro_batch,
               "pytest": pytest_summary(args.pytest_log, args.pytest_rc), "runs": [], "wall_s": None}
+    report["joint"] = joint_timing(work, base, cpu=not cuda)
+    write_report(args.out, report)
 
     with open(args.out / "finetune.log", "w", encoding="utf-8") as log:
         for name, overrides, needs in RUNS:

@@ -15,9 +15,9 @@ wheels=(
   peft==0.21.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0
   pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
   click==8.5.1 regex==2026.11.19 phonenumbers==9.0.43 python-stdnum==2.2
-  bitsandbytes==0.50.2 liger-kernel==0.8.5 zaragoza-construction-faq==1.2.1
+  bitsandbytes==0.50.2 liger-kernel==0.8.5 zaragoza-construction-faq==1.2.1 chatterbot-corpus==1.3.3 py3langid==0.4.0
 )
-grep -qxF /.whl/ .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+mkdir -p .git/info && grep -qxF /.whl/ .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 mkdir -p .whl
 platforms=()
 for n in 17 24 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
