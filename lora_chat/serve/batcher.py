@@ -143,6 +143,7 @@ class Continuous:
         self.scheduler = Scheduler(rt, max_running=max_batch, max_queue=max_queue, chunk_tokens=chunk_tokens,
                                    on_step=on_step)
         self.finished, self.batch_sizes = self.scheduler.finished, self.scheduler.batch_sizes
+        self.max_batch = max_batch
         self.timeout = timeout
         self.observe = observe
 
