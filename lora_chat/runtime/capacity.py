@@ -8,9 +8,10 @@ Two things bound it, and the smaller wins:
     free memory on a GPU. SmolLM2-135M: 23 KiB a token, 94 MiB a row at 4,096 tokens; Llama-3.1-8B: 128 KiB,
     512 MiB a row.
   - Throughput. On the 2-core CPU the benchmarks run on, a decode step over SmolLM2's mixed-adapter batch
-    gave 61 tokens/s at 8 rows, 111 at 32 and 180 at 64 (the fixed-tile linear layers amortise each weight
-    read over more rows); past `MOST_ROWS` a step's latency grows with little more throughput, and a stream's
-    tokens come that much slower. vLLM's scheduler caps its running sequences the same way (`max_num_seqs`).
+    gave 61 tokens/s at 8 rows, 111 at 32 and 180 at 64 (one run each; the fixed-tile linear layers amortise
+    each weight read over more rows). Every row also lengthens every step, so each stream's tokens come slower
+    (~0.35 s a step at 64 rows there); more than `MOST_ROWS` was not measured and is left to `--max-batch`.
+    vLLM's scheduler caps its running sequences the same way (`max_num_seqs`).
 
 Serve's old default was 8 rows (its gather-then-run batcher): under load every request then queued behind
 whole batches, which is what the continuous scheduler removes (bench/bench_continuous.py).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-MOST_ROWS = 64  # more rows gained little throughput on CPU and slow every stream's tokens (see above)
+MOST_ROWS = 64  # the most rows measured (see above); an operator may ask for more with --max-batch
 FEWEST_ROWS = 1
 ROW_TOKENS = 4096  # a row's cache is sized for this many tokens, or the model's context if shorter
 MEMORY_SHARE = 0.5  # of the memory free after loading: the rest is the forwards' activations and the process
