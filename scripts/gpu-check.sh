@@ -2,8 +2,9 @@
 # The GPU check (issues 19 and 20), one call of at most 9 minutes on a lent GPU machine: the machine, `pytest -m gpu`,
 # then bench/gpu_check.py (bench_joint's four adapters jointly and one after another; QLoRA and LoRA runs of
 # SmolLM2-135M's architecture, liger and flash-attention on and off, each run's peak memory beside `lorachat plan`'s
-# estimate, those its budget reaches: on an H200 the runs need a second call, `bench/gpu_check.py --no-joint`). Figures land in $OUT: gpu-check.json, gpu-check.md (paste
-# into bench/RESULTS.md), gpu-check.log (all of this output), pytest-gpu.log, finetune.log.
+# estimate, those its budget reaches: on an H200 the runs need a second call, `bench/gpu_check.py --no-joint`).
+# Figures land in $OUT: gpu-check.json, gpu-check.md (paste into bench/RESULTS.md), gpu-check.log (all of this
+# output), pytest-gpu.log, finetune.log.
 #
 #   bash scripts/gpu-check.sh                        # on the GPU machine, from the repo root
 #   GPU_CHECK_ON_CPU=1 bash scripts/gpu-check.sh     # here: the same steps on the CPU, small, to check the script

@@ -28,11 +28,13 @@ MEMORY_SHARE = 0.5  # of the memory free after loading: the rest is the forwards
 
 
 def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
-    """Bytes the KV cache holds for one token of one row: keys and values, every layer."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    """Bytes the KV cache holds for one token of one row: keys and values, every layer. The sizes are read as
+    `plan` reads them (`plan.memory.Shape`: a multimodal model's text_config, the other names of each key)."""
+    from ..errors import Where
+    from ..plan.memory import Shape
+
+    shape = Shape.from_config(config.to_dict(), Where(field="config.json"))
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * dtype_bytes
 
 
 def free_memory(device: Any) -> int:

@@ -143,9 +143,12 @@ class Continuous:
         self.scheduler = Scheduler(rt, max_running=max_batch, max_queue=max_queue, chunk_tokens=chunk_tokens,
                                    on_step=on_step)
         self.finished, self.batch_sizes = self.scheduler.finished, self.scheduler.batch_sizes
-        self.max_batch = max_batch
         self.timeout = timeout
         self.observe = observe
+
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_running
 
     def idle(self) -> bool:
         return self.scheduler.idle()
